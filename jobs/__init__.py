@@ -1,0 +1,44 @@
+"""jobs: a persistent job manager for remote queue APIs (fal.ai, Replicate).
+
+    from jobs import JobManager
+    jm = JobManager()
+    job = jm.submit("fal-ai/flux/dev", {"prompt": "a cat"})
+    print(jm.result(job.id, wait=True))
+"""
+
+from .config import Settings
+from .errors import (
+    CancelTooLate,
+    ConfigError,
+    JobFailed,
+    JobNotFinished,
+    JobNotFound,
+    JobsError,
+    ProviderError,
+    WaitTimeout,
+)
+from .events import Completed, InProgress, Queued, Status
+from .manager import AsyncJobManager, JobManager
+from .states import FailureReason, State
+from .store import Job
+
+__all__ = [
+    "AsyncJobManager",
+    "CancelTooLate",
+    "Completed",
+    "ConfigError",
+    "FailureReason",
+    "InProgress",
+    "Job",
+    "JobFailed",
+    "JobManager",
+    "JobNotFinished",
+    "JobNotFound",
+    "JobsError",
+    "ProviderError",
+    "Queued",
+    "Settings",
+    "State",
+    "Status",
+    "WaitTimeout",
+]

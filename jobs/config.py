@@ -1,0 +1,128 @@
+"""Settings, read once from the environment (and overridden by flags) into one typed object.
+
+Nothing else in ``jobs`` reads ``os.environ``. Secrets (``FAL_KEY``, tokens) are kept in
+:class:`Secret` wrappers whose ``repr`` and ``str`` never show the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_DATABASE_URL = "sqlite:///jobs.db"
+DEFAULT_FAL_QUEUE_URL = "https://queue.fal.run"
+DEFAULT_FAL_JWKS_URL = "https://rest.alpha.fal.ai/.well-known/jwks.json"
+DEFAULT_REPLICATE_API_URL = "https://api.replicate.com"
+
+
+class Secret:
+    """A credential that never appears in logs, reprs or error messages."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def _secret(value: str | None) -> Secret | None:
+    return Secret(value) if value else None
+
+
+def _bool(name: str, raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ConfigError(f"{name} must be a boolean (1/0, true/false), not {raw!r}")
+
+
+def _number(name: str, raw: str, cast: type[float] | type[int]) -> float | int:
+    try:
+        value = cast(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, not {raw!r}") from None
+    if value < 0:
+        raise ConfigError(f"{name} must not be negative, not {raw!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable. Defaults follow design.md part 2."""
+
+    database_url: str = DEFAULT_DATABASE_URL
+    sqlite_synchronous: str = "NORMAL"
+    fal_key: Secret | None = None
+    fal_queue_url: str = DEFAULT_FAL_QUEUE_URL
+    fal_jwks_url: str = DEFAULT_FAL_JWKS_URL
+    public_url: str | None = None
+    api_token: Secret | None = None
+    cache_dir: str = ".jobs-cache"
+    cache_files: bool = False
+    replicate_api_token: Secret | None = None
+    replicate_api_url: str = DEFAULT_REPLICATE_API_URL
+    replicate_webhook_secret: Secret | None = None
+    # What to do with a job whose submit may or may not have reached the provider.
+    ambiguous_policy: str = "resubmit"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.ambiguous_policy not in {"resubmit", "fail"}:
+            raise ConfigError(
+                f"JOBS_AMBIGUOUS_POLICY must be 'resubmit' or 'fail', not {self.ambiguous_policy!r}"
+            )
+        if self.sqlite_synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
+            raise ConfigError(
+                "JOBS_SQLITE_SYNCHRONOUS must be NORMAL or FULL (or OFF/EXTRA), "
+                f"not {self.sqlite_synchronous!r}"
+            )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read ``JOBS_*``, ``FAL_KEY`` and ``REPLICATE_API_TOKEN``; ``overrides`` win."""
+        env = os.environ if environ is None else environ
+        fal_key = env.get("FAL_KEY")
+        if not fal_key and env.get("FAL_KEY_ID") and env.get("FAL_KEY_SECRET"):
+            fal_key = f"{env['FAL_KEY_ID']}:{env['FAL_KEY_SECRET']}"
+        values: dict[str, Any] = {
+            "database_url": env.get("JOBS_DATABASE_URL") or DEFAULT_DATABASE_URL,
+            "sqlite_synchronous": env.get("JOBS_SQLITE_SYNCHRONOUS") or "NORMAL",
+            "fal_key": _secret(fal_key),
+            "fal_queue_url": (env.get("JOBS_FAL_QUEUE_URL") or DEFAULT_FAL_QUEUE_URL).rstrip("/"),
+            "fal_jwks_url": env.get("JOBS_FAL_JWKS_URL") or DEFAULT_FAL_JWKS_URL,
+            "public_url": (env.get("JOBS_PUBLIC_URL") or "").rstrip("/") or None,
+            "api_token": _secret(env.get("JOBS_API_TOKEN")),
+            "cache_dir": env.get("JOBS_CACHE_DIR") or ".jobs-cache",
+            "cache_files": _bool("JOBS_CACHE_FILES", env.get("JOBS_CACHE_FILES", "")),
+            "replicate_api_token": _secret(env.get("REPLICATE_API_TOKEN")),
+            "replicate_api_url": (
+                env.get("JOBS_REPLICATE_API_URL") or DEFAULT_REPLICATE_API_URL
+            ).rstrip("/"),
+            "replicate_webhook_secret": _secret(env.get("JOBS_REPLICATE_WEBHOOK_SECRET")),
+            "ambiguous_policy": env.get("JOBS_AMBIGUOUS_POLICY") or "resubmit",
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,538 @@
+"""The public Python API: :class:`AsyncJobManager`, and :class:`JobManager` for plain code.
+
+The data path reads top to bottom here: ``submit`` records the job, then sends it;
+``refresh`` polls one job and applies what it saw; ``handle_fal_webhook`` applies a callback;
+``result`` and ``iter_events`` watch the store, polling a job themselves when nobody else does
+(claiming it under a lease, exactly as ``jobs serve`` would). The sync ``JobManager`` runs the
+same coroutines on a private event loop, so the logic exists once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
+from typing import Any, TypeVar
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from .backoff import PollPolicy, next_poll
+from .config import Settings
+from .errors import (
+    CancelTooLate,
+    JobFailed,
+    JobNotFinished,
+    ProviderError,
+    ProviderRejected,
+    ProviderUnavailable,
+    WaitTimeout,
+)
+from .events import Completed, InProgress, Queued, Status
+from .providers.base import Observation, Provider, SubmitRequest, Submitted
+from .providers.fal import FalProvider, parse_webhook
+from .providers.http import make_client
+from .states import FailureReason, State
+from .store import Applied, Job, NewJob, Store
+
+T = TypeVar("T")
+
+WAIT_LEASE = 30.0  # seconds a waiting client holds a job while it polls it
+WATCH_PERIOD = 0.5  # how often a waiter re-reads the store when someone else polls
+
+
+def _owner_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{id(object()):x}"
+
+
+class AsyncJobManager:
+    """Submit, track and fetch remote jobs durably. Settings default to the environment."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        store: Store | None = None,
+        providers: Mapping[str, Provider] | None = None,
+        poll_policy: PollPolicy | None = None,
+        owner: str | None = None,
+        migrate: bool = True,
+    ) -> None:
+        self.settings = settings or Settings.from_env()
+        if store is None:
+            store = Store.open(
+                self.settings.database_url, synchronous=self.settings.sqlite_synchronous
+            )
+            if migrate:
+                from .migrate import upgrade
+
+                upgrade(store.engine)
+        self.store = store
+        self._providers: dict[str, Provider] = dict(providers or {})
+        self.poll_policy = poll_policy or PollPolicy()
+        self.owner = owner or _owner_name()
+
+    # --- providers -----------------------------------------------------------------------
+
+    def provider(self, name: str) -> Provider:
+        if name not in self._providers:
+            if name != "fal":
+                raise ValueError(f"unknown provider {name!r}")
+            self._providers[name] = FalProvider(
+                queue_url=self.settings.fal_queue_url,
+                key=self.settings.fal_key,
+                client=make_client(),
+            )
+        return self._providers[name]
+
+    async def aclose(self) -> None:
+        for provider in self._providers.values():
+            await provider.close()
+        self._providers.clear()
+
+    async def __aenter__(self) -> AsyncJobManager:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a (blocking) store call off the event loop."""
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    # --- submit --------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        application: str,
+        arguments: Mapping[str, Any],
+        *,
+        path: str | None = None,
+        priority: str | None = None,
+        hint: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        batch: str | None = None,
+        batch_index: int | None = None,
+        idempotency_key: str | None = None,
+        webhook: bool = True,
+        download: bool | None = None,
+    ) -> Job:
+        """Record the job, then send it. With an ``idempotency_key`` already used, return that
+        job and send nothing (unless it provably never reached the queue: then send it now)."""
+        provider = self.provider("fal")
+        webhook = webhook and self.settings.public_url is not None
+        request = SubmitRequest(
+            application=application, arguments=arguments, path=path, priority=priority, hint=hint
+        )
+        provider.check(request)
+        new = NewJob(
+            application=application,
+            arguments=dict(arguments),
+            provider=provider.name,
+            path=path,
+            priority=priority,
+            hint=hint,
+            labels=dict(labels or {}),
+            batch=batch,
+            batch_index=batch_index,
+            idempotency_key=idempotency_key,
+            webhook=webhook,
+            download_files=self.settings.cache_files if download is None else download,
+        )
+        job, created = await self._db(self.store.create_job, new)
+        if not created and not (job.state is State.SUBMITTING and job.attempts == 0):
+            return job
+        return await self.send(job)
+
+    async def send(self, job: Job, *, reason: str = "submit") -> Job:
+        """Send a ``submitting`` job to its provider and record the outcome.
+
+        The attempt is counted (compare-and-set on ``attempts``) before the request leaves,
+        so two processes never send the same attempt, and a crash leaves an ambiguous job.
+        """
+        provider = self.provider(job.provider)
+        if not await self._db(self.store.begin_submit, job.id, job.attempts, reason=reason):
+            return await self._db(self.store.get, job.id)
+        request = SubmitRequest(
+            application=job.application,
+            arguments=job.arguments,
+            path=job.path,
+            priority=job.priority,
+            hint=job.hint,
+            webhook_url=self._webhook_url(job) if job.webhook else None,
+        )
+        try:
+            submitted = await provider.submit(request)
+        except ProviderRejected as exc:
+            error = _error_of(exc)
+            applied = await self._db(self.store.fail, job.id, FailureReason.SUBMIT_REJECTED, error)
+            return applied.job
+        except ProviderUnavailable as exc:
+            if exc.reached:
+                await self._db(
+                    self.store.record_event,
+                    job.id,
+                    "submit_ambiguous",
+                    reason="no reply",
+                    detail=_error_of(exc),
+                )
+                return await self._db(self.store.get, job.id)
+            return await self._not_sent(job, exc)
+        except ProviderError as exc:
+            await self._db(
+                self.store.record_event,
+                job.id,
+                "submit_ambiguous",
+                reason="unreadable reply",
+                detail=_error_of(exc),
+            )
+            return await self._db(self.store.get, job.id)
+        return await self._submitted(job, submitted)
+
+    async def _not_sent(self, job: Job, exc: ProviderUnavailable) -> Job:
+        error = _error_of(exc)
+        if job.idempotency_key is not None:
+            # Retrying the same call is safe: keep the job in submitting, attempts back to 0.
+            return await self._db(self.store.unsend, job.id, error)
+        applied = await self._db(self.store.fail, job.id, FailureReason.SUBMIT_UNREACHABLE, error)
+        return applied.job
+
+    async def _submitted(self, job: Job, submitted: Submitted) -> Job:
+        step = next_poll(self.poll_policy, previous=None, changed=False, webhook=job.webhook)
+        return await self._db(
+            self.store.mark_submitted,
+            job.id,
+            submitted,
+            next_poll_at=time.time() + step.delay,
+            poll_interval=step.interval,
+        )
+
+    def _webhook_url(self, job: Job) -> str:
+        return f"{self.settings.public_url}/v1/webhooks/{job.provider}?job={job.id}"
+
+    async def track(self, application: str, request_id: str, *, provider: str = "fal") -> Job:
+        """Adopt a request submitted elsewhere (e.g. by fal_client) so it is tracked here."""
+        existing = await self._db(self.store.find_by_request_id, provider, request_id)
+        if existing is not None:
+            return existing
+        remote = self.provider(provider)
+        job, _ = await self._db(
+            self.store.create_job,
+            NewJob(
+                application=application,
+                arguments={},
+                provider=provider,
+                idempotency_key=f"track:{provider}:{request_id}",
+            ),
+        )
+        observation = Observation(state=State.QUEUED, source="track")
+        tracked = Submitted(ref=remote.ref_for(application, request_id), observation=observation)
+        return await self._submitted(job, tracked)
+
+    # --- status, polling and applying ----------------------------------------------------
+
+    async def status(self, ref: str) -> Job:
+        """The job as stored (by our id or its request id)."""
+        return await self._db(self.store.get, ref)
+
+    async def refresh(self, job: Job) -> Job:
+        """Poll one claimed job, apply what was seen, schedule its next poll."""
+        provider = self.provider(job.provider)
+        try:
+            observation = await provider.status(job.ref())
+            if observation.needs_result:
+                outcome = await provider.result(job.ref())
+                observation = dataclasses.replace(
+                    outcome,
+                    logs=observation.logs,
+                    metrics=observation.metrics if observation.metrics else outcome.metrics,
+                )
+        except ProviderError as exc:
+            retry_after = exc.retry_after if isinstance(exc, ProviderUnavailable) else None
+            step = next_poll(
+                self.poll_policy,
+                previous=job.poll_interval,
+                changed=False,
+                webhook=job.webhook,
+                retry_after=retry_after,
+                failed=True,
+            )
+            await self._db(
+                self.store.poll_failed,
+                job.id,
+                _error_of(exc),
+                next_poll_at=time.time() + step.delay,
+                poll_interval=step.interval,
+            )
+            return await self._db(self.store.get, job.id)
+        return (await self.apply(job, observation)).job
+
+    async def apply(self, job: Job, observation: Observation) -> Applied:
+        """Apply an observation (poll, webhook) through the store's compare-and-set."""
+        changed = (
+            observation.state is not job.state or observation.queue_position != job.queue_position
+        )
+        step = next_poll(
+            self.poll_policy, previous=job.poll_interval, changed=changed, webhook=job.webhook
+        )
+        next_at = time.time() + (0.0 if observation.needs_result else step.delay)
+        return await self._db(
+            self.store.apply,
+            job.id,
+            observation,
+            next_poll_at=next_at,
+            poll_interval=step.interval,
+        )
+
+    async def handle_fal_webhook(
+        self,
+        headers: Mapping[str, str],
+        body: bytes,
+        keys: list[Ed25519PublicKey],
+        *,
+        job_id: str | None = None,
+        now: float | None = None,
+    ) -> Applied | None:
+        """Verify a fal callback and apply it. Raises ``SignatureError``/``ValueError``;
+        returns None for a request we do not know (nothing is stored)."""
+        delivery = parse_webhook(
+            headers, body, keys, time.time() if now is None else now, job_id=job_id
+        )
+        job = await self._db(self.store.find_by_request_id, "fal", delivery.request_id)
+        if job is None and delivery.job_id is not None:
+            # An ambiguous submit: our job id in the URL names it, the body its request id.
+            job = await self._db(self.store.adopt_request_id, delivery.job_id, delivery.request_id)
+        if job is None:
+            return None
+        return await self.apply(job, delivery.observation)
+
+    # --- results and watching ------------------------------------------------------------
+
+    async def watch(self, ref: str, *, timeout: float | None = None) -> AsyncIterator[Job]:
+        """Yield the job each time it changes, until it is terminal (then stop) or
+        ``timeout`` passes (then raise :class:`WaitTimeout`). Polls the provider itself when
+        the job is due and nobody else has claimed it."""
+        job = await self.status(ref)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        yield job
+        seen = job.updated_at
+        while not job.terminal:
+            if job.request_id is not None:
+                claimed = await self._db(
+                    self.store.claim_job, job.id, self.owner, lease_seconds=WAIT_LEASE
+                )
+                if claimed is not None:
+                    job = await self.refresh(claimed)
+            if job.updated_at == seen:
+                job = await self._db(self.store.get, job.id)
+            if job.updated_at != seen:
+                seen = job.updated_at
+                yield job
+                continue
+            now = time.time()
+            pause = WATCH_PERIOD
+            if job.next_poll_at is not None:
+                pause = min(pause, max(0.0, job.next_poll_at - now))
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise WaitTimeout(job.id, timeout or 0.0, job.state.value)
+                pause = min(pause, left)
+            await asyncio.sleep(max(pause, 0.01))
+
+    async def wait(self, ref: str, *, timeout: float | None = None) -> Job:
+        """Wait until the job is terminal; return it (whatever its outcome)."""
+        last = None
+        async for job in self.watch(ref, timeout=timeout):
+            last = job
+        assert last is not None
+        return last
+
+    async def result(self, ref: str, *, wait: bool = False, timeout: float | None = None) -> Any:
+        """The job's result. Raises :class:`JobFailed` for a failed or cancelled job,
+        :class:`JobNotFinished` when not finished and ``wait`` is false, and
+        :class:`WaitTimeout` when ``timeout`` runs out."""
+        job = await (self.wait(ref, timeout=timeout) if wait else self.status(ref))
+        if not job.terminal:
+            raise JobNotFinished(job.id, job.state.value)
+        if job.state is not State.SUCCEEDED:
+            raise JobFailed(job.id, job.state.value, job.error)
+        found, data = await self._db(self.store.result, job.id)
+        if not found:
+            raise JobFailed(job.id, "succeeded, but its result was removed (jobs gc)", None)
+        return data
+
+    async def iter_events(
+        self, ref: str, *, with_logs: bool = True, timeout: float | None = None
+    ) -> AsyncIterator[Status]:
+        """Yield ``Queued`` / ``InProgress`` / ``Completed`` as the job moves, like
+        ``fal_client``'s ``iter_events``; ends after ``Completed``."""
+        last: Status | None = None
+        logs_seen = 0
+        async for job in self.watch(ref, timeout=timeout):
+            new_logs: list[dict[str, Any]] | None = None
+            if with_logs:
+                lines = await self._db(self.store.logs, job.id, after=logs_seen)
+                if lines:
+                    logs_seen = lines[-1][0]
+                new_logs = [dict(entry) for _, entry in lines]
+            event = _status_of(job, new_logs)
+            if event is None or (event == last and not new_logs):
+                continue
+            last = event
+            yield event
+
+    async def subscribe(
+        self,
+        application: str,
+        arguments: Mapping[str, Any] | None = None,
+        *,
+        job_id: str | None = None,
+        with_logs: bool = False,
+        on_enqueue: Callable[[str], Any] | None = None,
+        on_queue_update: Callable[[Status], Any] | None = None,
+        timeout: float | None = None,
+        **submit_options: Any,
+    ) -> Any:
+        """Submit and wait for the result, calling ``on_enqueue(request_id)`` and
+        ``on_queue_update(status)`` like ``fal_client.subscribe``. Durable: pass ``job_id``
+        (or an ``idempotency_key``) to resume an interrupted call without submitting again."""
+        if job_id is None:
+            job = await self.submit(application, arguments or {}, **submit_options)
+        else:
+            job = await self.status(job_id)
+        if on_enqueue is not None and job.request_id is not None:
+            await _maybe_await(on_enqueue(job.request_id))
+        async for event in self.iter_events(job.id, with_logs=with_logs, timeout=timeout):
+            if on_queue_update is not None:
+                await _maybe_await(on_queue_update(event))
+        return await self.result(job.id)
+
+    async def cancel(self, ref: str, *, wait: float = 10.0) -> Job:
+        """Ask the provider to cancel; return the job once the outcome is known (or after
+        ``wait`` seconds). Raises :class:`CancelTooLate` when the job had already finished."""
+        job = await self.status(ref)
+        if job.terminal:
+            raise CancelTooLate(job.id, job.state.value)
+        if job.request_id is None:
+            # Never confirmed as queued: cancelling locally stops any resubmission.
+            observation = Observation(state=State.CANCELLED, source="cancel")
+            applied = await self._db(self.store.apply, job.id, observation)
+            return applied.job
+        accepted = await self.provider(job.provider).cancel(job.ref())
+        await self._db(self.store.mark_cancel_requested, job.id)
+        try:
+            job = await self.wait(job.id, timeout=wait)
+        except WaitTimeout:
+            return await self.status(job.id)
+        if not accepted or job.state is not State.CANCELLED:
+            raise CancelTooLate(job.id, job.state.value)
+        return job
+
+
+def _status_of(job: Job, logs: list[dict[str, Any]] | None) -> Status | None:
+    if job.state is State.QUEUED:
+        return Queued(position=job.queue_position)
+    if job.state is State.IN_PROGRESS:
+        return InProgress(logs=logs)
+    if job.terminal:
+        return Completed(
+            logs=logs, metrics=dict(job.metrics or {}), state=job.state.value, error=job.error
+        )
+    return None
+
+
+def _error_of(exc: ProviderError) -> dict[str, Any]:
+    body = exc.body if isinstance(exc.body, Mapping) else None
+    return {
+        "type": (body or {}).get("type") or type(exc).__name__,
+        "message": str(exc),
+        "detail": (body or {}).get("detail", exc.body),
+        "status_code": exc.status_code,
+        "request_id": exc.request_id,
+    }
+
+
+async def _maybe_await(value: Any) -> None:
+    if isinstance(value, Awaitable):
+        await value
+
+
+class _Portal:
+    """An event loop on a daemon thread, so sync code (and notebooks, which already run a
+    loop) can call the async manager."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="jobs-loop", daemon=True)
+        self._thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def iterate(self, agen: AsyncIterator[T]) -> Iterator[T]:
+        async def step() -> T:
+            return await agen.__anext__()
+
+        while True:
+            try:
+                yield self.call(step())
+            except StopAsyncIteration:
+                return
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+        self.loop.close()
+
+
+class JobManager:
+    """The synchronous face of :class:`AsyncJobManager`: same methods, same behaviour."""
+
+    def __init__(self, settings: Settings | None = None, **kwargs: Any) -> None:
+        self._portal = _Portal()
+        self._async = AsyncJobManager(settings, **kwargs)
+
+    @property
+    def store(self) -> Store:
+        return self._async.store
+
+    def close(self) -> None:
+        self._portal.call(self._async.aclose())
+        self._portal.close()
+        self._async.store.close()
+
+    def __enter__(self) -> JobManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def submit(self, application: str, arguments: Mapping[str, Any], **options: Any) -> Job:
+        return self._portal.call(self._async.submit(application, arguments, **options))
+
+    def status(self, ref: str) -> Job:
+        return self._portal.call(self._async.status(ref))
+
+    def result(self, ref: str, *, wait: bool = False, timeout: float | None = None) -> Any:
+        return self._portal.call(self._async.result(ref, wait=wait, timeout=timeout))
+
+    def wait(self, ref: str, *, timeout: float | None = None) -> Job:
+        return self._portal.call(self._async.wait(ref, timeout=timeout))
+
+    def cancel(self, ref: str, *, wait: float = 10.0) -> Job:
+        return self._portal.call(self._async.cancel(ref, wait=wait))
+
+    def track(self, application: str, request_id: str) -> Job:
+        return self._portal.call(self._async.track(application, request_id))
+
+    def iter_events(self, ref: str, **options: Any) -> Iterator[Status]:
+        return self._portal.iterate(self._async.iter_events(ref, **options))
+
+    def subscribe(
+        self, application: str, arguments: Mapping[str, Any] | None = None, **options: Any
+    ) -> Any:
+        return self._portal.call(self._async.subscribe(application, arguments, **options))

@@ -1,0 +1,97 @@
+"""HTTP plumbing shared by providers: client set-up, retry timing, rate gates, and the one
+question submit safety depends on: did a failed request provably never reach the server?
+
+httpx is the client API. Underneath, the aiohttp transport (httpx-aiohttp) is the engine:
+design.md part 3 measured httpx's own pool at a few percent of the ideal under concurrency,
+and aiohttp near 98 %.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import time
+from dataclasses import dataclass
+
+import aiohttp
+import httpx
+from httpx_aiohttp import AiohttpTransport
+
+DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+# Statuses worth retrying for idempotent calls (status, result, cancel).
+RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+
+def make_client(
+    *, max_connections: int = 256, timeout: httpx.Timeout = DEFAULT_TIMEOUT
+) -> httpx.AsyncClient:
+    """An ``httpx.AsyncClient`` on aiohttp's connection engine."""
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=None)
+    transport = AiohttpTransport(limits=limits)
+    return httpx.AsyncClient(transport=transport, timeout=timeout)
+
+
+def never_sent(exc: BaseException) -> bool:
+    """True only when the request provably did not reach the server (no connection was made).
+
+    The aiohttp transport maps both 'connection refused' and 'server disconnected' to
+    ``httpx.ConnectTimeout``, so the original aiohttp error decides.
+    """
+    cause = exc.__cause__
+    if isinstance(cause, aiohttp.ClientError | asyncio.TimeoutError):
+        return isinstance(cause, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+    return isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter; ``Retry-After`` wins when the server sends one."""
+
+    attempts: int = 5
+    base: float = 0.25
+    cap: float = 10.0
+    max_retry_after: float = 120.0
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds to sleep before retry number ``attempt`` (1 = first retry)."""
+        if retry_after is not None:
+            return min(retry_after, self.max_retry_after)
+        ceiling = min(self.cap, self.base * 2 ** (attempt - 1))
+        return random.uniform(ceiling / 2, ceiling)
+
+
+class RateGate:
+    """One per provider: a 429 from any request pauses every request to that provider until
+    the server's ``Retry-After`` has passed, instead of each job backing off on its own."""
+
+    def __init__(self) -> None:
+        self._resume_at = 0.0
+        self.waits = 0
+        self.waited_seconds = 0.0
+
+    def pause(self, seconds: float) -> None:
+        self._resume_at = max(self._resume_at, time.monotonic() + seconds)
+
+    async def wait(self) -> None:
+        delay = self._resume_at - time.monotonic()
+        if delay > 0:
+            self.waits += 1
+            self.waited_seconds += delay
+            await asyncio.sleep(delay)

@@ -1,0 +1,180 @@
+"""Webhook signature schemes, as pure functions: no I/O, no clock of their own.
+
+fal signs with ED25519 over ``request_id \\n user_id \\n timestamp \\n sha256hex(raw body)``
+and publishes its public keys as a JWKS. Replicate uses Standard Webhooks (HMAC-SHA256 over
+``id.timestamp.body``). Fetching and caching fal's JWKS is a separate step
+(:mod:`jobs.providers.jwks`) so these functions are tested against the spec vectors offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+TOLERANCE_SECONDS = 300
+
+FAL_REQUEST_ID = "x-fal-webhook-request-id"
+FAL_USER_ID = "x-fal-webhook-user-id"
+FAL_TIMESTAMP = "x-fal-webhook-timestamp"
+FAL_SIGNATURE = "x-fal-webhook-signature"
+FAL_HEADERS = (FAL_REQUEST_ID, FAL_USER_ID, FAL_TIMESTAMP, FAL_SIGNATURE)
+
+
+class SignatureError(Exception):
+    """The delivery is not authentic: missing headers, stale time or a bad signature."""
+
+
+def _lower(headers: Mapping[str, str]) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items()}
+
+
+def _check_time(raw: str, now: float, tolerance: float) -> None:
+    try:
+        timestamp = int(raw)
+    except ValueError:
+        raise SignatureError(f"timestamp {raw[:32]!r} is not an integer") from None
+    if abs(now - timestamp) > tolerance:
+        raise SignatureError(
+            f"timestamp is {now - timestamp:+.0f}s from now, outside the {tolerance:g}s window"
+        )
+
+
+def _b64url_decode(value: str) -> bytes:
+    return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+
+
+def fal_public_keys(jwks: Mapping[str, Any]) -> list[Ed25519PublicKey]:
+    """The ED25519 keys of a JWKS document; other key types and broken entries are skipped."""
+    keys: list[Ed25519PublicKey] = []
+    entries = jwks.get("keys") if isinstance(jwks, Mapping) else None
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, Mapping):
+            continue
+        if entry.get("kty") != "OKP" or entry.get("crv") != "Ed25519":
+            continue
+        x = entry.get("x")
+        try:
+            raw = _b64url_decode(x) if isinstance(x, str) else b""
+            keys.append(Ed25519PublicKey.from_public_bytes(raw))
+        except (ValueError, binascii.Error):
+            continue
+    return keys
+
+
+def fal_signed_message(request_id: str, user_id: str, timestamp: str, body: bytes) -> bytes:
+    digest = hashlib.sha256(body).hexdigest()
+    return f"{request_id}\n{user_id}\n{timestamp}\n{digest}".encode()
+
+
+def verify_fal(
+    headers: Mapping[str, str],
+    body: bytes,
+    keys: Sequence[Ed25519PublicKey],
+    now: float,
+    *,
+    tolerance: float = TOLERANCE_SECONDS,
+) -> str:
+    """Check a fal webhook delivery; return the signed request id or raise SignatureError."""
+    h = _lower(headers)
+    missing = [name for name in FAL_HEADERS if not h.get(name)]
+    if missing:
+        raise SignatureError(f"missing header(s): {', '.join(missing)}")
+    _check_time(h[FAL_TIMESTAMP], now, tolerance)
+    try:
+        signature = bytes.fromhex(h[FAL_SIGNATURE])
+    except ValueError:
+        raise SignatureError("signature is not hex") from None
+    message = fal_signed_message(h[FAL_REQUEST_ID], h[FAL_USER_ID], h[FAL_TIMESTAMP], body)
+    if not verify_any(keys, signature, message):
+        raise SignatureError("signature does not match any known fal key")
+    return h[FAL_REQUEST_ID]
+
+
+def verify_any(keys: Iterable[Ed25519PublicKey], signature: bytes, message: bytes) -> bool:
+    for key in keys:
+        try:
+            key.verify(signature, message)
+            return True
+        except InvalidSignature:
+            continue
+    return False
+
+
+def sign_fal(
+    private_key: Ed25519PrivateKey, request_id: str, user_id: str, timestamp: int, body: bytes
+) -> dict[str, str]:
+    """The headers fal would send with ``body``: used by the emulator and by tests."""
+    message = fal_signed_message(request_id, user_id, str(timestamp), body)
+    return {
+        "X-Fal-Webhook-Request-Id": request_id,
+        "X-Fal-Webhook-User-Id": user_id,
+        "X-Fal-Webhook-Timestamp": str(timestamp),
+        "X-Fal-Webhook-Signature": private_key.sign(message).hex(),
+    }
+
+
+def public_jwk(private_key: Ed25519PrivateKey, kid: str) -> dict[str, str]:
+    """The JWKS entry for ``private_key``'s public half."""
+    raw = private_key.public_key().public_bytes_raw()
+    x = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+    return {"kty": "OKP", "crv": "Ed25519", "x": x, "kid": kid, "use": "sig", "alg": "EdDSA"}
+
+
+# --- Replicate: Standard Webhooks (HMAC-SHA256) -------------------------------------------
+
+
+def _standard_key(secret: str) -> bytes:
+    prefix, sep, encoded = secret.partition("_")
+    if not sep or prefix != "whsec" or not encoded:
+        raise ValueError("a Replicate webhook secret looks like whsec_<base64>")
+    return base64.b64decode(encoded, validate=True)
+
+
+def verify_standard(
+    headers: Mapping[str, str],
+    body: bytes,
+    secret: str,
+    now: float,
+    *,
+    tolerance: float = TOLERANCE_SECONDS,
+) -> str:
+    """Check a Standard Webhooks delivery; return its ``webhook-id`` or raise SignatureError."""
+    h = _lower(headers)
+    missing = [n for n in ("webhook-id", "webhook-timestamp", "webhook-signature") if not h.get(n)]
+    if missing:
+        raise SignatureError(f"missing header(s): {', '.join(missing)}")
+    if not body:
+        raise SignatureError("empty body")
+    _check_time(h["webhook-timestamp"], now, tolerance)
+    key = _standard_key(secret)
+    signed = f"{h['webhook-id']}.{h['webhook-timestamp']}.".encode() + body
+    expected = hmac.new(key, signed, hashlib.sha256).digest()
+    for entry in h["webhook-signature"].split():
+        version, _, encoded = entry.partition(",")
+        if version != "v1":
+            continue
+        try:
+            candidate = base64.b64decode(encoded, validate=True)
+        except (ValueError, binascii.Error):
+            continue
+        if hmac.compare_digest(candidate, expected):
+            return h["webhook-id"]
+    raise SignatureError("no v1 signature matches the webhook secret")
+
+
+def sign_standard(secret: str, msg_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+    """Standard Webhooks headers for ``body`` (tests and a future Replicate emulator)."""
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    digest = hmac.new(_standard_key(secret), signed, hashlib.sha256).digest()
+    return {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": "v1," + base64.b64encode(digest).decode(),
+    }

@@ -1,0 +1,861 @@
+"""Every SQL statement ``jobs`` runs, each in one named method.
+
+State changes are compare-and-set: an ``UPDATE … WHERE state = <the state we read>`` that
+applies only when :func:`jobs.states.can_transition` allows it, so a late or repeated
+observation never moves a job backwards and a result is written once.
+
+SQLite: one writer at a time per process (a lock) and ``BEGIN IMMEDIATE`` so concurrent
+processes queue on the busy timeout instead of failing to upgrade a read lock. PostgreSQL:
+the poll claim uses ``FOR UPDATE SKIP LOCKED`` so replicas never claim the same job.
+Transient database errors (a PostgreSQL restart, a lock held past the busy timeout) are
+retried a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import Row, and_, func, insert, select, update
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+
+from .db import create_db_engine, job_events, job_logs, jobs, results
+from .errors import ConfigError, JobNotFound
+from .providers.base import Observation, RemoteRef, Submitted
+from .states import ACTIVE, FailureReason, State, can_transition
+
+T = TypeVar("T")
+
+DB_RETRIES = 5
+
+
+def new_job_id() -> str:
+    """32 hex chars: milliseconds since the epoch, then randomness, so ids sort by creation."""
+    return f"{int(time.time() * 1000):012x}{secrets.token_hex(10)}"
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row of the ``jobs`` table."""
+
+    id: str
+    provider: str
+    application: str
+    path: str | None
+    arguments: Any
+    request_id: str | None
+    gateway_request_id: str | None
+    status_url: str | None
+    response_url: str | None
+    cancel_url: str | None
+    state: State
+    failure_reason: str | None
+    error: Any
+    priority: str | None
+    hint: str | None
+    labels: Any
+    batch: str | None
+    batch_index: int | None
+    idempotency_key: str | None
+    webhook: bool
+    download_files: bool
+    queue_position: int | None
+    metrics: Any
+    attempts: int
+    polls: int
+    poll_interval: float | None
+    next_poll_at: float | None
+    lease_owner: str | None
+    lease_expires_at: float | None
+    created_at: float
+    updated_at: float
+    submitted_at: float | None
+    started_at: float | None
+    finished_at: float | None
+    last_change_at: float | None
+    cancel_requested_at: float | None
+
+    @classmethod
+    def from_row(cls, row: Row[Any] | Mapping[str, Any]) -> Job:
+        data = dict(row._mapping) if isinstance(row, Row) else dict(row)
+        data["state"] = State(data["state"])
+        return cls(**{k: data[k] for k in _JOB_FIELDS})
+
+    @property
+    def terminal(self) -> bool:
+        return self.state.terminal
+
+    def ref(self) -> RemoteRef:
+        if self.request_id is None:
+            raise ValueError(f"job {self.id} has no request_id yet")
+        return RemoteRef(
+            application=self.application,
+            request_id=self.request_id,
+            status_url=self.status_url,
+            response_url=self.response_url,
+            cancel_url=self.cancel_url,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The public JSON shape (``jobs status``, ``GET /v1/jobs/{id}``)."""
+        return {
+            "id": self.id,
+            "provider": self.provider,
+            "application": self.application,
+            "path": self.path,
+            "request_id": self.request_id,
+            "state": self.state.value,
+            "failure_reason": self.failure_reason,
+            "error": self.error,
+            "queue_position": self.queue_position,
+            "priority": self.priority,
+            "hint": self.hint,
+            "labels": self.labels or {},
+            "batch": self.batch,
+            "batch_index": self.batch_index,
+            "idempotency_key": self.idempotency_key,
+            "webhook": self.webhook,
+            "status_url": self.status_url,
+            "response_url": self.response_url,
+            "cancel_url": self.cancel_url,
+            "metrics": self.metrics,
+            "polls": self.polls,
+            "created_at": iso(self.created_at),
+            "submitted_at": iso(self.submitted_at),
+            "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at),
+            "updated_at": iso(self.updated_at),
+        }
+
+
+_JOB_FIELDS = tuple(f for f in Job.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """What a caller asks to submit."""
+
+    application: str
+    arguments: Any
+    provider: str = "fal"
+    path: str | None = None
+    priority: str | None = None
+    hint: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    batch: str | None = None
+    batch_index: int | None = None
+    idempotency_key: str | None = None
+    webhook: bool = False
+    download_files: bool = False
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What :meth:`Store.apply` did."""
+
+    job: Job
+    previous: State
+    changed: bool  # the state moved
+
+    @property
+    def finished(self) -> bool:
+        return self.changed and self.job.terminal
+
+
+@dataclass(frozen=True)
+class Claimed:
+    job: Job
+    took_over: bool  # the lease belonged to another (presumably dead) owner
+
+
+class Store:
+    """The only place that talks SQL."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.sqlite = engine.dialect.name == "sqlite"
+        self._write_lock = threading.Lock() if self.sqlite else None
+
+    @classmethod
+    def open(cls, url: str, *, synchronous: str = "NORMAL") -> Store:
+        try:
+            engine = create_db_engine(url, synchronous=synchronous)
+        except Exception as exc:  # bad URL, missing driver
+            raise ConfigError(f"cannot open database {url!r}: {exc}") from None
+        return cls(engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- transactions --------------------------------------------------------------------
+
+    @contextmanager
+    def _connect(self, *, write: bool) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            if write and self.sqlite:
+                conn.execution_options(sqlite_begin="IMMEDIATE")
+            with conn.begin():
+                yield conn
+
+    def _tx(self, fn: Callable[[Connection], T], *, write: bool = True) -> T:
+        """Run ``fn`` in one transaction; retry transient failures a bounded number of times."""
+        for attempt in range(1, DB_RETRIES + 1):
+            try:
+                if write and self._write_lock is not None:
+                    with self._write_lock, self._connect(write=True) as conn:
+                        return fn(conn)
+                with self._connect(write=write) as conn:
+                    return fn(conn)
+            except (OperationalError, DBAPIError) as exc:
+                if isinstance(exc, IntegrityError) or not _transient(exc) or attempt == DB_RETRIES:
+                    raise
+                time.sleep(min(2.0, 0.05 * 2**attempt))
+        raise AssertionError("unreachable")
+
+    def ping(self) -> None:
+        self._tx(lambda c: c.execute(select(1)).scalar_one(), write=False)
+
+    # --- creating and submitting ---------------------------------------------------------
+
+    def create_job(self, new: NewJob, *, now: float | None = None) -> tuple[Job, bool]:
+        """Insert a job in ``submitting``; with an idempotency key already used, return the
+        existing job and ``False``."""
+        now = time.time() if now is None else now
+        job_id = new_job_id()
+
+        def tx(conn: Connection) -> tuple[Job, bool]:
+            if new.idempotency_key is not None:
+                existing = conn.execute(
+                    select(jobs).where(jobs.c.idempotency_key == new.idempotency_key)
+                ).first()
+                if existing is not None:
+                    return Job.from_row(existing), False
+            conn.execute(
+                insert(jobs).values(
+                    id=job_id,
+                    provider=new.provider,
+                    application=new.application,
+                    path=new.path,
+                    arguments=new.arguments,
+                    state=State.SUBMITTING.value,
+                    priority=new.priority,
+                    hint=new.hint,
+                    labels=dict(new.labels) or None,
+                    batch=new.batch,
+                    batch_index=new.batch_index,
+                    idempotency_key=new.idempotency_key,
+                    webhook=new.webhook,
+                    download_files=new.download_files,
+                    attempts=0,
+                    polls=0,
+                    created_at=now,
+                    updated_at=now,
+                    last_change_at=now,
+                )
+            )
+            _event(conn, job_id, now, "created", to_state=State.SUBMITTING)
+            return _get(conn, job_id), True
+
+        try:
+            return self._tx(tx)
+        except IntegrityError:
+            # Another process inserted the same idempotency key between our read and write.
+            if new.idempotency_key is None:
+                raise
+            return self._tx(tx)
+
+    def begin_submit(
+        self, job_id: str, seen_attempts: int, *, reason: str = "submit", now: float | None = None
+    ) -> bool:
+        """Count a submit attempt before the HTTP call (compare-and-set on ``attempts``), so
+        two processes never send the same attempt and a crash leaves an ambiguous job."""
+        now = time.time() if now is None else now
+
+        def tx(conn: Connection) -> bool:
+            done = conn.execute(
+                update(jobs)
+                .where(
+                    jobs.c.id == job_id,
+                    jobs.c.state == State.SUBMITTING.value,
+                    jobs.c.attempts == seen_attempts,
+                    jobs.c.request_id.is_(None),
+                )
+                .values(attempts=seen_attempts + 1, updated_at=now)
+            )
+            if done.rowcount != 1:
+                return False
+            _event(
+                conn,
+                job_id,
+                now,
+                "submit_sent",
+                reason=reason,
+                detail={"attempt": seen_attempts + 1},
+            )
+            return True
+
+        return self._tx(tx)
+
+    def unsend(self, job_id: str, error: Mapping[str, Any], *, now: float | None = None) -> Job:
+        """The last attempt provably never reached the provider: take it back, so sending the
+        job again is known to be safe."""
+        now = time.time() if now is None else now
+
+        def tx(conn: Connection) -> Job:
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.state == State.SUBMITTING.value)
+                .values(attempts=jobs.c.attempts - 1, updated_at=now)
+            )
+            _event(conn, job_id, now, "submit_not_sent", detail=dict(error))
+            return _get(conn, job_id)
+
+        return self._tx(tx)
+
+    def adopt_request_id(
+        self, job_id: str, request_id: str, *, now: float | None = None
+    ) -> Job | None:
+        """A webhook named our job and its request id: an ambiguous submit resolved."""
+        now = time.time() if now is None else now
+
+        def tx(conn: Connection) -> Job | None:
+            done = conn.execute(
+                update(jobs)
+                .where(
+                    jobs.c.id == job_id,
+                    jobs.c.state == State.SUBMITTING.value,
+                    jobs.c.request_id.is_(None),
+                )
+                .values(request_id=request_id, submitted_at=now, updated_at=now)
+            )
+            if done.rowcount != 1:
+                return None
+            _event(
+                conn,
+                job_id,
+                now,
+                "ambiguous_resolved",
+                reason="webhook",
+                detail={"request_id": request_id},
+            )
+            return _get(conn, job_id)
+
+        return self._tx(tx)
+
+    def mark_submitted(
+        self,
+        job_id: str,
+        submitted: Submitted,
+        *,
+        next_poll_at: float,
+        poll_interval: float | None = None,
+        now: float | None = None,
+    ) -> Job:
+        """Record the request id and URLs: ``submitting -> queued`` (or keep a state that a
+        webhook already advanced, while still storing the request id)."""
+        now = time.time() if now is None else now
+        ref = submitted.ref
+
+        def tx(conn: Connection) -> Job:
+            current = _get(conn, job_id)
+            values: dict[str, Any] = {
+                "request_id": ref.request_id,
+                "gateway_request_id": submitted.gateway_request_id,
+                "status_url": ref.status_url,
+                "response_url": ref.response_url,
+                "cancel_url": ref.cancel_url,
+                "submitted_at": current.submitted_at or now,
+                "updated_at": now,
+            }
+            if current.state is State.SUBMITTING:
+                values.update(
+                    state=State.QUEUED.value,
+                    queue_position=submitted.observation.queue_position,
+                    next_poll_at=next_poll_at,
+                    poll_interval=poll_interval,
+                    last_change_at=now,
+                )
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
+            _event(
+                conn,
+                job_id,
+                now,
+                "submitted",
+                from_state=current.state,
+                to_state=State.QUEUED if current.state is State.SUBMITTING else current.state,
+                detail={"request_id": ref.request_id},
+            )
+            return _get(conn, job_id)
+
+        return self._tx(tx)
+
+    def record_event(
+        self,
+        job_id: str,
+        kind: str,
+        *,
+        reason: str | None = None,
+        detail: Any = None,
+        now: float | None = None,
+    ) -> None:
+        now = time.time() if now is None else now
+        self._tx(lambda conn: _event(conn, job_id, now, kind, reason=reason, detail=detail))
+
+    def fail(
+        self,
+        job_id: str,
+        reason: FailureReason,
+        error: Mapping[str, Any] | None,
+        *,
+        only_from: Sequence[State] = tuple(ACTIVE),
+        now: float | None = None,
+    ) -> Applied:
+        """End a job as ``failed`` for a reason of our own (not an observation)."""
+        obs = Observation(state=State.FAILED, error=error, failure_reason=reason, source="local")
+        return self.apply(job_id, obs, only_from=only_from, now=now)
+
+    # --- applying observations -----------------------------------------------------------
+
+    def apply(
+        self,
+        job_id: str,
+        obs: Observation,
+        *,
+        next_poll_at: float | None = None,
+        poll_interval: float | None = None,
+        only_from: Sequence[State] | None = None,
+        now: float | None = None,
+    ) -> Applied:
+        """The one place observations change jobs (polls, webhooks, submits, results).
+
+        ``next_poll_at`` is when the job should be polled next if it is still active;
+        ``only_from`` narrows the states the change may start from.
+        """
+        now = time.time() if now is None else now
+
+        def tx(conn: Connection) -> Applied:
+            for _ in range(DB_RETRIES):
+                current = _get(conn, job_id)
+                allowed = can_transition(current.state, obs.state) and (
+                    only_from is None or current.state in only_from
+                )
+                if not allowed:
+                    return Applied(job=current, previous=current.state, changed=False)
+                values = _values_for(current, obs, now, next_poll_at, poll_interval)
+                done = conn.execute(
+                    update(jobs)
+                    .where(jobs.c.id == job_id, jobs.c.state == current.state.value)
+                    .values(**values)
+                )
+                if done.rowcount == 1:
+                    break
+            else:
+                raise RuntimeError(f"job {job_id} kept changing under us; giving up this apply")
+            changed = obs.state is not current.state
+            if changed:
+                _event(
+                    conn,
+                    job_id,
+                    now,
+                    "state",
+                    from_state=current.state,
+                    to_state=obs.state,
+                    reason=obs.failure_reason.value if obs.failure_reason else obs.source,
+                    detail={"error": dict(obs.error)} if obs.error else None,
+                )
+            if obs.state is State.SUCCEEDED:
+                _store_result(conn, job_id, obs.result, now)
+            if obs.logs:
+                _append_logs(conn, job_id, obs.logs, now)
+            return Applied(job=_get(conn, job_id), previous=current.state, changed=changed)
+
+        return self._tx(tx)
+
+    # --- polling: claims and leases -------------------------------------------------------
+
+    def claim_due(
+        self, owner: str, *, limit: int, lease_seconds: float, now: float | None = None
+    ) -> list[Claimed]:
+        """Take up to ``limit`` due jobs for ``owner``. The claim pushes ``next_poll_at`` to the
+        lease's end, so a job whose poller dies becomes due again by itself."""
+        now = time.time() if now is None else now
+        until = now + lease_seconds
+        lease = {
+            "lease_owner": owner,
+            "lease_expires_at": until,
+            "next_poll_at": until,
+            "polls": jobs.c.polls + 1,
+        }
+        due = and_(jobs.c.next_poll_at <= now, jobs.c.state.in_([s.value for s in ACTIVE]))
+
+        def tx_sqlite(conn: Connection) -> list[Claimed]:
+            picked = conn.execute(
+                select(jobs.c.id, jobs.c.lease_owner)
+                .where(due)
+                .order_by(jobs.c.next_poll_at)
+                .limit(limit)
+            ).all()
+            if not picked:
+                return []
+            previous = {r.id: r.lease_owner for r in picked}
+            conn.execute(update(jobs).where(jobs.c.id.in_(previous)).values(**lease))
+            rows = conn.execute(select(jobs).where(jobs.c.id.in_(previous))).all()
+            return [_claimed(row, previous[row.id], owner) for row in rows]
+
+        def tx_postgres(conn: Connection) -> list[Claimed]:
+            picked = (
+                select(jobs.c.id, jobs.c.lease_owner.label("prev_owner"))
+                .where(due)
+                .order_by(jobs.c.next_poll_at)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+                .cte("picked")
+            )
+            rows = conn.execute(
+                update(jobs)
+                .where(jobs.c.id == picked.c.id)
+                .values(**lease)
+                .returning(*jobs.c, picked.c.prev_owner)
+            ).all()
+            return [_claimed(row, row.prev_owner, owner) for row in rows]
+
+        return self._tx(tx_sqlite if self.sqlite else tx_postgres)
+
+    def claim_job(
+        self, job_id: str, owner: str, *, lease_seconds: float, now: float | None = None
+    ) -> Job | None:
+        """Claim one job if it is due (a waiting client polling for itself)."""
+        now = time.time() if now is None else now
+        until = now + lease_seconds
+
+        def tx(conn: Connection) -> Job | None:
+            done = conn.execute(
+                update(jobs)
+                .where(
+                    jobs.c.id == job_id,
+                    jobs.c.next_poll_at <= now,
+                    jobs.c.state.in_([s.value for s in ACTIVE]),
+                )
+                .values(
+                    lease_owner=owner,
+                    lease_expires_at=until,
+                    next_poll_at=until,
+                    polls=jobs.c.polls + 1,
+                )
+            )
+            return _get(conn, job_id) if done.rowcount == 1 else None
+
+        return self._tx(tx)
+
+    def poll_failed(
+        self,
+        job_id: str,
+        error: Mapping[str, Any],
+        *,
+        next_poll_at: float,
+        poll_interval: float | None = None,
+        now: float | None = None,
+    ) -> None:
+        """A poll got no usable answer: record why, drop the lease, try again later."""
+        now = time.time() if now is None else now
+
+        def tx(conn: Connection) -> None:
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.state.in_([s.value for s in ACTIVE]))
+                .values(
+                    next_poll_at=next_poll_at,
+                    poll_interval=poll_interval,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
+            )
+            _event(
+                conn, job_id, now, "poll_failed", reason=str(error.get("type")), detail=dict(error)
+            )
+
+        self._tx(tx)
+
+    def release_leases(self, owner: str, *, now: float | None = None) -> int:
+        """On shutdown: make the jobs this owner holds due at once for whoever runs next."""
+        now = time.time() if now is None else now
+
+        def tx(conn: Connection) -> int:
+            done = conn.execute(
+                update(jobs)
+                .where(jobs.c.lease_owner == owner, jobs.c.state.in_([s.value for s in ACTIVE]))
+                .values(lease_owner=None, lease_expires_at=None, next_poll_at=now)
+            )
+            return done.rowcount
+
+        return self._tx(tx)
+
+    def poll_soon(self, job_id: str, *, now: float | None = None) -> None:
+        """Make an active job due now (a webhook said it finished but sent no payload)."""
+        now = time.time() if now is None else now
+        self._tx(
+            lambda conn: conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.state.in_([s.value for s in ACTIVE]))
+                .values(next_poll_at=now)
+            )
+        )
+
+    def mark_cancel_requested(self, job_id: str, *, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+
+        def tx(conn: Connection) -> None:
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id)
+                .values(cancel_requested_at=now, next_poll_at=now, updated_at=now)
+            )
+            _event(conn, job_id, now, "cancel_requested")
+
+        self._tx(tx)
+
+    # --- reads ---------------------------------------------------------------------------
+
+    def get(self, ref: str) -> Job:
+        """A job by our id or by its request id; raises :class:`JobNotFound`."""
+
+        def tx(conn: Connection) -> Job | None:
+            row = conn.execute(select(jobs).where(jobs.c.id == ref)).first()
+            if row is None:
+                row = conn.execute(
+                    select(jobs).where(jobs.c.request_id == ref).order_by(jobs.c.id).limit(1)
+                ).first()
+            return Job.from_row(row) if row is not None else None
+
+        job = self._tx(tx, write=False)
+        if job is None:
+            raise JobNotFound(ref)
+        return job
+
+    def find_by_request_id(self, provider: str, request_id: str) -> Job | None:
+        row = self._tx(
+            lambda conn: conn.execute(
+                select(jobs).where(jobs.c.request_id == request_id, jobs.c.provider == provider)
+            ).first(),
+            write=False,
+        )
+        return Job.from_row(row) if row is not None else None
+
+    def list_jobs(
+        self,
+        *,
+        state: State | None = None,
+        application: str | None = None,
+        batch: str | None = None,
+        limit: int = 100,
+        before: str | None = None,
+    ) -> list[Job]:
+        """Newest first; ``before`` is the id of the last job of the previous page."""
+        query = select(jobs).order_by(jobs.c.id.desc()).limit(limit)
+        if state is not None:
+            query = query.where(jobs.c.state == state.value)
+        if application is not None:
+            query = query.where(jobs.c.application == application)
+        if batch is not None:
+            query = query.where(jobs.c.batch == batch)
+        if before is not None:
+            query = query.where(jobs.c.id < before)
+        rows = self._tx(lambda conn: conn.execute(query).all(), write=False)
+        return [Job.from_row(r) for r in rows]
+
+    def count_by_state(self, *, batch: str | None = None) -> dict[State, int]:
+        query = select(jobs.c.state, func.count()).group_by(jobs.c.state)
+        if batch is not None:
+            query = query.where(jobs.c.batch == batch)
+        rows = self._tx(lambda conn: conn.execute(query).all(), write=False)
+        counts = dict.fromkeys(State, 0)
+        counts.update({State(state): n for state, n in rows})
+        return counts
+
+    def events(self, job_id: str) -> list[dict[str, Any]]:
+        rows = self._tx(
+            lambda conn: conn.execute(
+                select(job_events).where(job_events.c.job_id == job_id).order_by(job_events.c.id)
+            ).all(),
+            write=False,
+        )
+        return [
+            {
+                "at": iso(r.at),
+                "kind": r.kind,
+                "from_state": r.from_state,
+                "to_state": r.to_state,
+                "reason": r.reason,
+                "detail": r.detail,
+            }
+            for r in rows
+        ]
+
+    def logs(self, job_id: str, *, after: int = 0) -> list[tuple[int, Any]]:
+        rows = self._tx(
+            lambda conn: conn.execute(
+                select(job_logs.c.seq, job_logs.c.entry)
+                .where(job_logs.c.job_id == job_id, job_logs.c.seq > after)
+                .order_by(job_logs.c.seq)
+            ).all(),
+            write=False,
+        )
+        return [(r.seq, r.entry) for r in rows]
+
+    def result(self, job_id: str) -> tuple[bool, Any]:
+        """``(True, data)`` when a result is stored, else ``(False, None)``."""
+        row = self._tx(
+            lambda conn: conn.execute(
+                select(results.c.data).where(results.c.job_id == job_id)
+            ).first(),
+            write=False,
+        )
+        return (True, row.data) if row is not None else (False, None)
+
+    def ambiguous(self, *, older_than: float, limit: int = 100) -> list[Job]:
+        """Jobs still in ``submitting`` whose last change is older than ``older_than``."""
+        rows = self._tx(
+            lambda conn: conn.execute(
+                select(jobs)
+                .where(jobs.c.state == State.SUBMITTING.value, jobs.c.updated_at < older_than)
+                .order_by(jobs.c.updated_at)
+                .limit(limit)
+            ).all(),
+            write=False,
+        )
+        return [Job.from_row(r) for r in rows]
+
+
+# --- statement helpers, used inside transactions ------------------------------------------
+
+
+def _transient(exc: DBAPIError) -> bool:
+    if exc.connection_invalidated:
+        return True
+    text = str(exc.orig).lower()
+    return any(
+        needle in text
+        for needle in ("database is locked", "connection", "server closed", "terminating")
+    )
+
+
+def _get(conn: Connection, job_id: str) -> Job:
+    row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+    if row is None:
+        raise JobNotFound(job_id)
+    return Job.from_row(row)
+
+
+def _claimed(row: Row[Any], previous_owner: str | None, owner: str) -> Claimed:
+    return Claimed(
+        job=Job.from_row(row),
+        took_over=previous_owner is not None and previous_owner != owner,
+    )
+
+
+def _event(
+    conn: Connection,
+    job_id: str,
+    now: float,
+    kind: str,
+    *,
+    from_state: State | None = None,
+    to_state: State | None = None,
+    reason: str | None = None,
+    detail: Any = None,
+) -> None:
+    conn.execute(
+        insert(job_events).values(
+            job_id=job_id,
+            at=now,
+            kind=kind,
+            from_state=from_state.value if from_state else None,
+            to_state=to_state.value if to_state else None,
+            reason=reason,
+            detail=detail,
+        )
+    )
+
+
+def _values_for(
+    current: Job,
+    obs: Observation,
+    now: float,
+    next_poll_at: float | None,
+    poll_interval: float | None,
+) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "state": obs.state.value,
+        "updated_at": now,
+        "lease_owner": None,
+        "lease_expires_at": None,
+    }
+    if obs.metrics is not None:
+        values["metrics"] = dict(obs.metrics)
+    changed = obs.state is not current.state or obs.queue_position != current.queue_position
+    if changed:
+        values["last_change_at"] = now
+    if obs.state.terminal:
+        values.update(
+            finished_at=now,
+            next_poll_at=None,
+            queue_position=None,
+            failure_reason=obs.failure_reason.value if obs.failure_reason else None,
+            error=dict(obs.error) if obs.error else None,
+        )
+        return values
+    values["queue_position"] = obs.queue_position if obs.state is State.QUEUED else None
+    if obs.state is State.IN_PROGRESS and current.started_at is None:
+        values["started_at"] = now
+    if next_poll_at is not None:
+        values["next_poll_at"] = next_poll_at
+    if poll_interval is not None:
+        values["poll_interval"] = poll_interval
+    return values
+
+
+def _store_result(conn: Connection, job_id: str, data: Any, now: float) -> None:
+    size = len(json.dumps(data, separators=(",", ":")))
+    conn.execute(insert(results).values(job_id=job_id, stored_at=now, data=data, size=size))
+
+
+def _append_logs(
+    conn: Connection, job_id: str, entries: Sequence[Mapping[str, Any]], now: float
+) -> None:
+    """Add lines not seen before: fal may send every line on each poll or only new ones."""
+    stored = conn.execute(
+        select(job_logs.c.seq, job_logs.c.entry).where(job_logs.c.job_id == job_id)
+    ).all()
+    seen = {_log_key(r.entry) for r in stored}
+    seq = max((r.seq for r in stored), default=0)
+    fresh = []
+    for entry in entries:
+        key = _log_key(entry)
+        if key in seen:
+            continue
+        seen.add(key)
+        seq += 1
+        fresh.append({"job_id": job_id, "seq": seq, "at": now, "entry": dict(entry)})
+    if fresh:
+        conn.execute(insert(job_logs), fresh)
+
+
+def _log_key(entry: Mapping[str, Any]) -> tuple[str, str]:
+    return (str(entry.get("timestamp")), str(entry.get("message")))
+
+
+__all__ = ["Applied", "Claimed", "Job", "NewJob", "Store", "iso", "new_job_id"]

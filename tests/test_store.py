@@ -1,0 +1,229 @@
+"""The store contract, on SQLite and PostgreSQL: creation, idempotency, compare-and-set
+transitions (stale, duplicated, out-of-order and concurrent observations), claims and leases."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from jobs.errors import JobNotFound
+from jobs.providers.base import Observation, RemoteRef, Submitted
+from jobs.states import FailureReason, State
+from jobs.store import Job, NewJob, Store
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    s = Store.open(db_url)
+    yield s
+    s.close()
+
+
+def _submitted(request_id: str) -> Submitted:
+    ref = RemoteRef(
+        application="fal-ai/flux/dev",
+        request_id=request_id,
+        status_url=f"http://q/fal-ai/flux/requests/{request_id}/status",
+        response_url=f"http://q/fal-ai/flux/requests/{request_id}",
+        cancel_url=f"http://q/fal-ai/flux/requests/{request_id}/cancel",
+    )
+    return Submitted(ref=ref, observation=Observation(state=State.QUEUED, queue_position=2))
+
+
+def _queued(store: Store, request_id: str = "req-1", **new: object) -> Job:
+    job, created = store.create_job(NewJob(application="fal-ai/flux/dev", arguments={"p": 1}, **new))  # type: ignore[arg-type]
+    assert created
+    assert store.begin_submit(job.id, 0)
+    return store.mark_submitted(job.id, _submitted(request_id), next_poll_at=0.0)
+
+
+OK = Observation(state=State.SUCCEEDED, result={"images": [1]}, source="webhook")
+STALE = Observation(state=State.QUEUED, queue_position=5)
+RUNNING = Observation(state=State.IN_PROGRESS, logs=({"message": "step 1", "timestamp": "t1"},))
+
+
+def test_create_then_submit_records_everything(store: Store) -> None:
+    job, created = store.create_job(
+        NewJob(
+            application="fal-ai/flux/dev",
+            arguments={"prompt": "a cat"},
+            labels={"team": "a"},
+            batch="b1",
+            priority="low",
+        )
+    )
+    assert created and job.state is State.SUBMITTING and job.request_id is None
+    assert store.begin_submit(job.id, 0)
+    job = store.mark_submitted(job.id, _submitted("r-9"), next_poll_at=123.0)
+    assert job.state is State.QUEUED
+    assert (job.request_id, job.queue_position, job.next_poll_at) == ("r-9", 2, 123.0)
+    assert store.get("r-9").id == job.id  # found by request id too
+    assert job.labels == {"team": "a"} and job.batch == "b1" and job.attempts == 1
+    kinds = [e["kind"] for e in store.events(job.id)]
+    assert kinds == ["created", "submit_sent", "submitted"]
+
+
+def test_unknown_job(store: Store) -> None:
+    with pytest.raises(JobNotFound, match="nope"):
+        store.get("nope")
+
+
+def test_idempotency_key_returns_the_first_job(store: Store) -> None:
+    new = NewJob(application="a/b", arguments={}, idempotency_key="k1")
+    first, created = store.create_job(new)
+    again, created_again = store.create_job(new)
+    assert created and not created_again and again.id == first.id
+
+
+def test_idempotency_key_under_concurrency(store: Store) -> None:
+    new = NewJob(application="a/b", arguments={}, idempotency_key="race")
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(lambda _: store.create_job(new), range(8)))
+    assert len({job.id for job, _ in outcomes}) == 1
+    assert sum(created for _, created in outcomes) == 1
+
+
+def test_begin_submit_is_compare_and_set(store: Store) -> None:
+    job, _ = store.create_job(NewJob(application="a/b", arguments={}))
+    assert store.begin_submit(job.id, 0)
+    assert not store.begin_submit(job.id, 0)  # another sender already counted attempt 1
+    assert store.unsend(job.id, {"type": "ConnectError"}).attempts == 0
+    assert store.begin_submit(job.id, 0)
+
+
+def test_forward_only_a_stale_poll_cannot_undo_a_result(store: Store) -> None:
+    job = _queued(store)
+    applied = store.apply(job.id, OK)
+    assert applied.changed and applied.finished and applied.job.state is State.SUCCEEDED
+    assert applied.job.next_poll_at is None  # terminal jobs leave the poll index
+    stale = store.apply(job.id, STALE)
+    assert not stale.changed and stale.job.state is State.SUCCEEDED
+    failed = store.apply(
+        job.id,
+        Observation(state=State.FAILED, failure_reason=FailureReason.REMOTE_ERROR),
+    )
+    assert not failed.changed and store.get(job.id).state is State.SUCCEEDED
+    assert store.result(job.id) == (True, {"images": [1]})
+
+
+def test_duplicate_result_is_stored_once(store: Store) -> None:
+    job = _queued(store)
+    assert store.apply(job.id, OK).changed
+    other = Observation(state=State.SUCCEEDED, result={"images": [2]})
+    assert not store.apply(job.id, other).changed
+    assert store.result(job.id) == (True, {"images": [1]})
+    transitions = [e for e in store.events(job.id) if e["kind"] == "state"]
+    assert len(transitions) == 1
+
+
+def test_out_of_order_observations(store: Store) -> None:
+    job = _queued(store)
+    store.apply(job.id, RUNNING)
+    back = store.apply(job.id, STALE)  # an IN_QUEUE reply that arrived late
+    assert not back.changed and back.job.state is State.IN_PROGRESS
+    assert back.job.started_at is not None
+
+
+def test_concurrent_terminal_observations_store_one_outcome(store: Store) -> None:
+    job = _queued(store)
+    outcomes = [
+        Observation(state=State.SUCCEEDED, result={"n": i}) if i % 2 else
+        Observation(state=State.FAILED, failure_reason=FailureReason.REMOTE_ERROR)
+        for i in range(10)
+    ]
+    barrier = threading.Barrier(10)
+
+    def race(obs: Observation) -> bool:
+        barrier.wait()
+        return store.apply(job.id, obs).changed
+
+    with ThreadPoolExecutor(10) as pool:
+        changed = list(pool.map(race, outcomes))
+    assert sum(changed) == 1
+    final = store.get(job.id)
+    found, data = store.result(job.id)
+    assert found == (final.state is State.SUCCEEDED)
+    assert len([e for e in store.events(job.id) if e["to_state"] in {"succeeded", "failed"}]) == 1
+    del data
+
+
+def test_logs_are_deduplicated(store: Store) -> None:
+    job = _queued(store)
+    first = ({"message": "a", "timestamp": "1"}, {"message": "b", "timestamp": "2"})
+    store.apply(job.id, Observation(state=State.IN_PROGRESS, logs=first))
+    store.apply(
+        job.id,
+        Observation(state=State.IN_PROGRESS, logs=(*first, {"message": "c", "timestamp": "3"})),
+    )
+    assert [e["message"] for _, e in store.logs(job.id)] == ["a", "b", "c"]
+    assert [e["message"] for _, e in store.logs(job.id, after=2)] == ["c"]
+
+
+def test_claim_due_takes_each_job_once_and_leases_expire(store: Store) -> None:
+    ids = {_queued(store, f"r{i}").id for i in range(5)}
+    first = store.claim_due("A", limit=3, lease_seconds=30, now=100.0)
+    second = store.claim_due("B", limit=10, lease_seconds=30, now=100.0)
+    assert len(first) == 3 and len(second) == 2
+    assert {c.job.id for c in first} | {c.job.id for c in second} == ids
+    assert not store.claim_due("C", limit=10, lease_seconds=30, now=100.0)
+    # A dies: its leases end at 130 and B takes over.
+    later = store.claim_due("B", limit=10, lease_seconds=30, now=131.0)
+    assert {c.job.id for c in later} == ids
+    assert sum(c.took_over for c in later) == 3  # the ones A held
+    assert all(c.job.lease_owner == "B" for c in later)
+
+
+def test_concurrent_claims_never_overlap(store: Store) -> None:
+    for i in range(60):
+        _queued(store, f"c{i}")
+    barrier = threading.Barrier(4)
+
+    def claim(owner: str) -> list[str]:
+        barrier.wait()
+        got: list[str] = []
+        for _ in range(10):
+            got += [c.job.id for c in store.claim_due(owner, limit=5, lease_seconds=60, now=1e9)]
+        return got
+
+    with ThreadPoolExecutor(4) as pool:
+        claimed = list(pool.map(claim, "WXYZ"))
+    flat = [i for chunk in claimed for i in chunk]
+    assert len(flat) == len(set(flat)) == 60
+
+
+def test_terminal_jobs_are_never_claimed(store: Store) -> None:
+    job = _queued(store)
+    store.apply(job.id, OK)
+    assert store.claim_due("A", limit=10, lease_seconds=30, now=1e12) == []
+    assert store.claim_job(job.id, "A", lease_seconds=30, now=1e12) is None
+
+
+def test_release_leases_makes_jobs_due(store: Store) -> None:
+    job = _queued(store)
+    store.claim_due("A", limit=10, lease_seconds=300, now=10.0)
+    assert store.release_leases("A", now=11.0) == 1
+    assert store.get(job.id).next_poll_at == 11.0
+
+
+def test_adopt_request_id_resolves_an_ambiguous_submit(store: Store) -> None:
+    job, _ = store.create_job(NewJob(application="a/b", arguments={}))
+    assert store.begin_submit(job.id, 0)  # sent, then the process died
+    adopted = store.adopt_request_id(job.id, "from-webhook")
+    assert adopted is not None and adopted.request_id == "from-webhook"
+    assert store.adopt_request_id(job.id, "again") is None
+    assert store.apply(job.id, OK).job.state is State.SUCCEEDED
+
+
+def test_list_and_counts(store: Store) -> None:
+    jobs = [_queued(store, f"l{i}", batch="x" if i % 2 else None) for i in range(5)]
+    store.apply(jobs[0].id, OK)
+    page = store.list_jobs(limit=2)
+    assert [j.id for j in page] == [jobs[4].id, jobs[3].id]
+    rest = store.list_jobs(limit=10, before=page[-1].id)
+    assert [j.id for j in rest] == [jobs[2].id, jobs[1].id, jobs[0].id]
+    assert [j.id for j in store.list_jobs(batch="x")] == [jobs[3].id, jobs[1].id]
+    assert store.count_by_state()[State.QUEUED] == 4
+    assert store.count_by_state(batch="x")[State.SUCCEEDED] == 0
