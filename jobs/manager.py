@@ -32,9 +32,10 @@ from .errors import (
     WaitTimeout,
 )
 from .events import Completed, InProgress, Queued, Status
+from .metrics import POLL_SECONDS, POLLS, RATE_LIMIT_WAITS, RESULTS, SUBMITS
 from .providers.base import Observation, Provider, SubmitRequest, Submitted
 from .providers.fal import FalProvider, parse_webhook
-from .providers.http import make_client
+from .providers.http import RateGate, make_client
 from .states import FailureReason, State
 from .store import Applied, Job, NewJob, Store
 
@@ -85,6 +86,7 @@ class AsyncJobManager:
                 queue_url=self.settings.fal_queue_url,
                 key=self.settings.fal_key,
                 client=make_client(),
+                gate=RateGate(on_wait=lambda _: RATE_LIMIT_WAITS.labels(name).inc()),
             )
         return self._providers[name]
 
@@ -167,10 +169,12 @@ class AsyncJobManager:
         try:
             submitted = await provider.submit(request)
         except ProviderRejected as exc:
+            SUBMITS.labels(job.provider, "rejected").inc()
             error = _error_of(exc)
             applied = await self._db(self.store.fail, job.id, FailureReason.SUBMIT_REJECTED, error)
             return applied.job
         except ProviderUnavailable as exc:
+            SUBMITS.labels(job.provider, "ambiguous" if exc.reached else "not_sent").inc()
             if exc.reached:
                 await self._db(
                     self.store.record_event,
@@ -182,6 +186,7 @@ class AsyncJobManager:
                 return await self._db(self.store.get, job.id)
             return await self._not_sent(job, exc)
         except ProviderError as exc:
+            SUBMITS.labels(job.provider, "ambiguous").inc()
             await self._db(
                 self.store.record_event,
                 job.id,
@@ -190,6 +195,7 @@ class AsyncJobManager:
                 detail=_error_of(exc),
             )
             return await self._db(self.store.get, job.id)
+        SUBMITS.labels(job.provider, "queued").inc()
         return await self._submitted(job, submitted)
 
     async def _not_sent(self, job: Job, exc: ProviderUnavailable) -> Job:
@@ -241,16 +247,19 @@ class AsyncJobManager:
     async def refresh(self, job: Job) -> Job:
         """Poll one claimed job, apply what was seen, schedule its next poll."""
         provider = self.provider(job.provider)
+        started = time.perf_counter()
         try:
             observation = await provider.status(job.ref())
             if observation.needs_result:
-                outcome = await provider.result(job.ref())
+                RESULTS.labels(provider.name).inc()
+                outcome = await provider.result(job.ref(), failed=observation.error is not None)
                 observation = dataclasses.replace(
                     outcome,
                     logs=observation.logs,
                     metrics=observation.metrics if observation.metrics else outcome.metrics,
                 )
         except ProviderError as exc:
+            POLLS.labels(provider.name, "error").inc()
             retry_after = exc.retry_after if isinstance(exc, ProviderUnavailable) else None
             step = next_poll(
                 self.poll_policy,
@@ -268,6 +277,8 @@ class AsyncJobManager:
                 poll_interval=step.interval,
             )
             return await self._db(self.store.get, job.id)
+        POLLS.labels(provider.name, "ok").inc()
+        POLL_SECONDS.labels(provider.name).observe(time.perf_counter() - started)
         return (await self.apply(job, observation)).job
 
     async def apply(self, job: Job, observation: Observation) -> Applied:

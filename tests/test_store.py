@@ -34,7 +34,8 @@ def _submitted(request_id: str) -> Submitted:
 
 
 def _queued(store: Store, request_id: str = "req-1", **new: object) -> Job:
-    job, created = store.create_job(NewJob(application="fal-ai/flux/dev", arguments={"p": 1}, **new))  # type: ignore[arg-type]
+    new_job = NewJob(application="fal-ai/flux/dev", arguments={"p": 1}, **new)  # type: ignore[arg-type]
+    job, created = store.create_job(new_job)
     assert created
     assert store.begin_submit(job.id, 0)
     return store.mark_submitted(job.id, _submitted(request_id), next_poll_at=0.0)
@@ -130,8 +131,9 @@ def test_out_of_order_observations(store: Store) -> None:
 def test_concurrent_terminal_observations_store_one_outcome(store: Store) -> None:
     job = _queued(store)
     outcomes = [
-        Observation(state=State.SUCCEEDED, result={"n": i}) if i % 2 else
-        Observation(state=State.FAILED, failure_reason=FailureReason.REMOTE_ERROR)
+        Observation(state=State.SUCCEEDED, result={"n": i})
+        if i % 2
+        else Observation(state=State.FAILED, failure_reason=FailureReason.REMOTE_ERROR)
         for i in range(10)
     ]
     barrier = threading.Barrier(10)

@@ -91,7 +91,9 @@ class Provider(Protocol):
 
     async def status(self, ref: RemoteRef, *, logs: bool = True) -> Observation: ...
 
-    async def result(self, ref: RemoteRef) -> Observation: ...
+    async def result(self, ref: RemoteRef, *, failed: bool | None = None) -> Observation:
+        """The outcome of a finished request; ``failed`` is what its status said, if known."""
+        ...
 
     async def cancel(self, ref: RemoteRef) -> bool:
         """True when the provider accepted the cancel; False when the request had finished."""

@@ -141,8 +141,16 @@ def observation_from_status(body: Any) -> Observation:
     if status == "IN_PROGRESS":
         return Observation(state=State.IN_PROGRESS, logs=_logs(body))
     if status == "COMPLETED":
+        # A failed request reports ``error``/``error_type`` here; the result holds the detail.
+        error = None
+        if body.get("error") or body.get("error_type"):
+            error = {"type": body.get("error_type"), "message": body.get("error")}
         return Observation(
-            state=State.IN_PROGRESS, logs=_logs(body), metrics=metrics, needs_result=True
+            state=State.IN_PROGRESS,
+            logs=_logs(body),
+            metrics=metrics,
+            error=error,
+            needs_result=True,
         )
     raise ProviderProtocolError(f"fal reported an unknown status {status!r}", body=body)
 
@@ -295,7 +303,7 @@ class FalProvider:
         self._key = key
         self._client = client
         self._retry = retry or RetryPolicy()
-        self.gate = gate or RateGate()
+        self.gate = gate or RateGate(sleep=sleep)
         self._sleep = sleep
 
     def _auth(self) -> dict[str, str]:
@@ -448,10 +456,19 @@ class FalProvider:
             )
         return observation_from_status(_json(response))
 
-    async def result(self, ref: RemoteRef) -> Observation:
+    async def result(self, ref: RemoteRef, *, failed: bool | None = None) -> Observation:
+        """Fetch the outcome. ``failed``: what the status said (None when unknown). When the
+        status reported success, an error reply is a passing fault and is retried; when it
+        reported a failure, the replayed error is the outcome."""
         url = ref.response_url or self.ref_for(ref.application, ref.request_id).response_url
         assert url is not None
-        response = await self._send("GET", url, final=_is_replayed_error)
+        final = (lambda r: False) if failed is False else _is_replayed_error
+        response = await self._send("GET", url, final=final)
+        if failed is False and response.status_code >= 500:
+            raise ProviderUnavailable(
+                f"fal answered the result request with HTTP {response.status_code}",
+                status_code=response.status_code,
+            )
         if response.status_code in (401, 403) and not _is_replayed_error(response):
             raise ProviderRejected(
                 f"fal refused the result request (HTTP {response.status_code}); check FAL_KEY",

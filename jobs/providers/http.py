@@ -12,6 +12,7 @@ import asyncio
 import email.utils
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -81,10 +82,15 @@ class RateGate:
     """One per provider: a 429 from any request pauses every request to that provider until
     the server's ``Retry-After`` has passed, instead of each job backing off on its own."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        on_wait: Callable[[float], None] | None = None,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self._resume_at = 0.0
-        self.waits = 0
-        self.waited_seconds = 0.0
+        self._on_wait = on_wait
+        self._sleep = sleep
 
     def pause(self, seconds: float) -> None:
         self._resume_at = max(self._resume_at, time.monotonic() + seconds)
@@ -92,6 +98,6 @@ class RateGate:
     async def wait(self) -> None:
         delay = self._resume_at - time.monotonic()
         if delay > 0:
-            self.waits += 1
-            self.waited_seconds += delay
-            await asyncio.sleep(delay)
+            if self._on_wait is not None:
+                self._on_wait(delay)
+            await self._sleep(delay)
