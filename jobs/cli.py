@@ -283,3 +283,7 @@ def fake_fal(host: str, port: int, latency: float, duration: float, fail_rate: f
 
     say(f"fake fal queue on http://{host}:{port} (JOBS_FAL_QUEUE_URL=http://{host}:{port})")
     run_fake_fal(host, port, FakeFalConfig(latency=latency, duration=duration, fail_rate=fail_rate))
+
+
+if __name__ == "__main__":
+    main()

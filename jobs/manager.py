@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import secrets
 import socket
 import threading
 import time
@@ -46,7 +47,25 @@ WATCH_PERIOD = 0.5  # how often a waiter re-reads the store when someone else po
 
 
 def _owner_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{id(object()):x}"
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+def dead_local_owner(owner: str | None) -> str | None:
+    """``owner`` if it names a process on this host that no longer runs, else None: its
+    leases can be taken at once instead of waiting for them to expire."""
+    if owner is None:
+        return None
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return owner
+    except PermissionError:
+        return None
+    return None
 
 
 class AsyncJobManager:
@@ -244,6 +263,32 @@ class AsyncJobManager:
         """The job as stored (by our id or its request id)."""
         return await self._db(self.store.get, ref)
 
+    async def list_jobs(
+        self,
+        *,
+        state: State | None = None,
+        application: str | None = None,
+        batch: str | None = None,
+        limit: int = 100,
+        before: str | None = None,
+    ) -> list[Job]:
+        """A page of jobs, newest first; ``before`` is the last id of the previous page."""
+        return await self._db(
+            self.store.list_jobs,
+            state=state,
+            application=application,
+            batch=batch,
+            limit=limit,
+            before=before,
+        )
+
+    async def count_by_state(self) -> dict[State, int]:
+        return await self._db(self.store.count_by_state)
+
+    async def ping(self) -> None:
+        """Raise when the database does not answer."""
+        await self._db(self.store.ping)
+
     async def refresh(self, job: Job) -> Job:
         """Poll one claimed job, apply what was seen, schedule its next poll."""
         provider = self.provider(job.provider)
@@ -333,7 +378,11 @@ class AsyncJobManager:
         while not job.terminal:
             if job.request_id is not None:
                 claimed = await self._db(
-                    self.store.claim_job, job.id, self.owner, lease_seconds=WAIT_LEASE
+                    self.store.claim_job,
+                    job.id,
+                    self.owner,
+                    lease_seconds=WAIT_LEASE,
+                    dead_owner=dead_local_owner(job.lease_owner),
                 )
                 if claimed is not None:
                     job = await self.refresh(claimed)

@@ -231,7 +231,7 @@ async def test_subscribe_is_durable(jm: AsyncJobManager, fal: FakeFalServer) -> 
 
 def test_sync_manager_works_inside_a_running_loop(tmp_path: Path, fal: FakeFalServer) -> None:
     async def notebook_cell() -> Any:
-        with JobManager(_settings(tmp_path, fal.url)) as sync_jm:  # noqa: ASYNC  (a notebook)
+        with JobManager(_settings(tmp_path, fal.url)) as sync_jm:  # a notebook cell
             job = sync_jm.submit("fal-ai/flux/dev", {"prompt": "sync"})
             statuses = list(sync_jm.iter_events(job.id))
             return sync_jm.result(job.id, wait=True, timeout=20), statuses

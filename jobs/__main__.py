@@ -1,0 +1,5 @@
+"""``python -m jobs``: the same as the ``jobs`` command."""
+
+from .cli import main
+
+main()
