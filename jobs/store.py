@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Row, and_, func, insert, select, update
+from sqlalchemy import Row, and_, func, insert, or_, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
@@ -536,18 +536,29 @@ class Store:
         return self._tx(tx_sqlite if self.sqlite else tx_postgres)
 
     def claim_job(
-        self, job_id: str, owner: str, *, lease_seconds: float, now: float | None = None
+        self,
+        job_id: str,
+        owner: str,
+        *,
+        lease_seconds: float,
+        dead_owner: str | None = None,
+        now: float | None = None,
     ) -> Job | None:
-        """Claim one job if it is due (a waiting client polling for itself)."""
+        """Claim one job if it is due, or if its lease belongs to ``dead_owner`` (a process
+        known to have died), for a waiting client polling for itself."""
         now = time.time() if now is None else now
         until = now + lease_seconds
+        due = jobs.c.next_poll_at <= now
+        if dead_owner is not None:
+            due = or_(due, jobs.c.lease_owner == dead_owner)
 
         def tx(conn: Connection) -> Job | None:
             done = conn.execute(
                 update(jobs)
                 .where(
                     jobs.c.id == job_id,
-                    jobs.c.next_poll_at <= now,
+                    jobs.c.next_poll_at.is_not(None),
+                    due,
                     jobs.c.state.in_([s.value for s in ACTIVE]),
                 )
                 .values(
