@@ -285,5 +285,14 @@ def fake_fal(host: str, port: int, latency: float, duration: float, fail_rate: f
     run_fake_fal(host, port, FakeFalConfig(latency=latency, duration=duration, fail_rate=fail_rate))
 
 
+@main.command("demo")
+@click.option("--duration", type=float, default=4.0, show_default=True, help="Seconds per job.")
+def demo(duration: float) -> None:
+    """Run a few jobs against the bundled fal emulator and show what it cost."""
+    from .demo import run_demo_in_tempdir
+
+    run_demo_in_tempdir(duration)
+
+
 if __name__ == "__main__":
     main()
