@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
+from . import poller as poller_defaults  # light: the knobs' defaults for `serve --help`
+
 if TYPE_CHECKING:
     from .manager import AsyncJobManager
     from .store import Job
@@ -157,6 +159,15 @@ def db_upgrade() -> None:
 @click.option("--idempotency-key", help="A second submit with the same key sends nothing.")
 @click.option("--no-webhook", is_flag=True, help="Do not ask for a webhook even if possible.")
 @click.option("--download", is_flag=True, default=None, help="Download the result's files.")
+@click.option("--inputs", metavar="FILE.jsonl|-", help="One job per line (a JSON object each).")
+@click.option("--batch", help="Batch name (default with --inputs: the file's name).")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 1024),
+    default=16,
+    show_default=True,
+    help="Submits in flight with --inputs.",
+)
 def submit(
     application: str,
     input_: str | None,
@@ -167,24 +178,32 @@ def submit(
     idempotency_key: str | None,
     no_webhook: bool,
     download: bool | None,
+    inputs: str | None,
+    batch: str | None,
+    concurrency: int,
 ) -> None:
-    """Record and submit one job; prints it as JSON."""
+    """Record and submit one job (--input), or one per line of a JSONL file (--inputs);
+    prints each job as JSON. Re-running the same file and batch submits nothing twice."""
+    options: dict[str, Any] = {
+        "path": path,
+        "priority": priority,
+        "hint": hint,
+        "labels": parse_labels(labels),
+        "webhook": not no_webhook,
+        "download": download,
+    }
+    if inputs is not None:
+        if input_ is not None or idempotency_key is not None:
+            fail("--inputs takes neither --input nor --idempotency-key", EXIT_USAGE)
+        submit_inputs(application, inputs, batch, concurrency, options)
+        return
     if input_ is None:
         fail("give the model input with --input JSON (or @file, or - for stdin)", EXIT_USAGE)
     arguments = parse_input(input_)
-    label_map = parse_labels(labels)
 
     async def action(manager: AsyncJobManager) -> Job:
         return await manager.submit(
-            application,
-            arguments,
-            path=path,
-            priority=priority,
-            hint=hint,
-            labels=label_map,
-            idempotency_key=idempotency_key,
-            webhook=not no_webhook,
-            download=download,
+            application, arguments, batch=batch, idempotency_key=idempotency_key, **options
         )
 
     job = run(action)
@@ -197,6 +216,54 @@ def submit(
             "`jobs serve` resolves it (see `jobs status " + job.id + "`)",
             EXIT_FAILED,
         )
+
+
+def submit_inputs(
+    application: str, inputs: str, batch: str | None, concurrency: int, options: dict[str, Any]
+) -> None:
+    """``submit --inputs``: progress on stderr, one JSON line per job on stdout; exit 1 when
+    any line was not submitted (each named by its line number on stderr)."""
+    from .batch import LineResult, default_batch_name, progress_bar, read_lines, submit_batch
+
+    if inputs == "-":
+        if batch is None:
+            fail("--inputs - (stdin) needs --batch NAME", EXIT_USAGE)
+        lines = read_lines(sys.stdin)
+    else:
+        try:
+            with open(inputs, encoding="utf-8") as handle:
+                lines = read_lines(handle)
+        except (OSError, UnicodeDecodeError) as exc:
+            fail(f"cannot read {inputs}: {getattr(exc, 'strerror', None) or exc}", EXIT_USAGE)
+    if batch is None:
+        batch = default_batch_name(inputs)
+        say(f"batch {batch!r} (named after the file; --batch NAME to choose)")
+    name = batch
+
+    async def action(manager: AsyncJobManager) -> Any:
+        with progress_bar(f"submit {name}", total=len(lines)) as bar:
+
+            def on_result(line: LineResult) -> None:
+                if line.job is not None:
+                    emit(line.to_dict())
+                if line.error is not None:
+                    bar.note(f"error: {line.error}")
+                bar.advance()
+
+            return await submit_batch(
+                manager,
+                application,
+                lines,
+                batch=name,
+                concurrency=concurrency,
+                on_result=on_result,
+                **options,
+            )
+
+    report = run(action)
+    say(report.summary())
+    if not report.ok:
+        sys.exit(EXIT_FAILED)
 
 
 @main.command()
@@ -214,13 +281,34 @@ def status(job: str) -> None:
 @click.argument("job")
 @click.option("--wait", is_flag=True, help="Wait until the job finishes.")
 @click.option("--timeout", type=float, help="Give up waiting after this many seconds.")
-def result(job: str, wait: bool, timeout: float | None) -> None:
+@click.option(
+    "--files",
+    "files_dir",
+    type=click.Path(file_okay=False),
+    help="Also copy the result's files (downloaded if not cached) into this folder.",
+)
+def result(job: str, wait: bool, timeout: float | None, files_dir: str | None) -> None:
     """The job's result JSON (exit 1 failed, 3 not finished, 4 unknown)."""
+    from .results import SavedFile
 
-    async def action(manager: AsyncJobManager) -> Any:
-        return await manager.result(job, wait=wait, timeout=timeout)
+    async def action(manager: AsyncJobManager) -> tuple[Any, list[SavedFile]]:
+        data = await manager.result(job, wait=wait, timeout=timeout)
+        if files_dir is None:
+            return data, []
+        job_id = (await manager.status(job)).id
+        return data, await manager.files.save(job_id, files_dir)
 
-    emit(run(action))
+    data, saved = run(action)
+    emit(data)
+    if files_dir is None:
+        return
+    copied = [s for s in saved if s.name is not None]
+    say(f"{len(copied)} file(s) copied to {files_dir}")
+    missing = [s.file for s in saved if s.name is None]
+    for file in missing:
+        say(f"file {file.n} ({file.json_path}) not copied: {file.error or file.state}")
+    if missing:
+        fail(f"{len(missing)} of {len(saved)} file(s) could not be downloaded", EXIT_FAILED)
 
 
 @main.command("list")
@@ -269,6 +357,229 @@ def track(application: str, request_id: str) -> None:
         return await manager.track(application, request_id)
 
     emit(job_line(run(action)))
+
+
+_POSITIVE = click.FloatRange(min=0, min_open=True)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--public-url", help="This server's reachable base URL (JOBS_PUBLIC_URL): webhooks.")
+@click.option(
+    "--tick",
+    type=_POSITIVE,
+    default=poller_defaults.TICK,
+    show_default=True,
+    help="Seconds between claims of due jobs.",
+)
+@click.option(
+    "--batch",
+    type=click.IntRange(min=1),
+    default=poller_defaults.BATCH,
+    show_default=True,
+    help="Most jobs claimed by one statement.",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=poller_defaults.CONCURRENCY,
+    show_default=True,
+    help="Most polls in flight.",
+)
+@click.option(
+    "--lease",
+    type=_POSITIVE,
+    default=poller_defaults.LEASE,
+    show_default=True,
+    help="Seconds a claimed job belongs to this server.",
+)
+@click.option(
+    "--ambiguous-grace",
+    type=click.FloatRange(min=0),
+    default=poller_defaults.AMBIGUOUS_GRACE,
+    show_default=True,
+    help="Seconds in submitting before an unconfirmed submit is decided.",
+)
+@click.option(
+    "--ambiguous-period",
+    type=_POSITIVE,
+    default=poller_defaults.AMBIGUOUS_PERIOD,
+    show_default=True,
+    help="Seconds between runs of the ambiguous-submit resolver.",
+)
+@click.option(
+    "--ambiguous-policy",
+    type=click.Choice(["resubmit", "fail"]),
+    help="JOBS_AMBIGUOUS_POLICY: send again (at least once; the default) or fail.",
+)
+@click.option(
+    "--stop-timeout",
+    type=click.FloatRange(min=0),
+    default=poller_defaults.STOP_TIMEOUT,
+    show_default=True,
+    help="Seconds open requests, then in-flight polls, get on shutdown.",
+)
+@click.option(
+    "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+@click.option(
+    "--access-log/--no-access-log",
+    default=False,
+    show_default=True,
+    help="Log every HTTP request (costs about 30 % of throughput).",
+)
+def serve(
+    host: str,
+    port: int,
+    public_url: str | None,
+    tick: float,
+    batch: int,
+    concurrency: int,
+    lease: float,
+    ambiguous_grace: float,
+    ambiguous_period: float,
+    ambiguous_policy: str | None,
+    stop_timeout: float,
+    log_format: str,
+    log_level: str,
+    access_log: bool,
+) -> None:
+    """API + webhook receiver + poll scheduler in one process; stops cleanly on SIGTERM/SIGINT.
+
+    Runs the database migrations first. Flags are documented in docs/serve.md.
+    """
+    from .config import Settings
+    from .serve import serve as run_server
+
+    with _errors():
+        settings = Settings.from_env(
+            public_url=public_url.rstrip("/") if public_url else None,
+            ambiguous_policy=ambiguous_policy,
+        )
+        run_server(
+            settings,
+            host=host,
+            port=port,
+            poller_options={
+                "tick": tick,
+                "batch": batch,
+                "concurrency": concurrency,
+                "lease": lease,
+                "ambiguous_grace": ambiguous_grace,
+                "ambiguous_period": ambiguous_period,
+                "stop_timeout": stop_timeout,
+            },
+            log_format="json" if log_format == "json" else "text",
+            log_level=log_level,
+            access_log=access_log,
+        )
+
+
+@main.command("wait")
+@click.option("--batch", help="Only this batch (default: every job not finished now).")
+@click.option("--timeout", type=float, help="Give up after this many seconds (exit 3).")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 1024),
+    default=32,
+    show_default=True,
+    help="Polls in flight when no `jobs serve` polls these jobs.",
+)
+def wait_(batch: str | None, timeout: float | None, concurrency: int) -> None:
+    """Wait for all matching jobs, with a progress bar; prints the counts per state
+    (exit 0 all succeeded, 1 some failed or cancelled, 3 timeout, 4 unknown batch)."""
+    from .batch import WaitResult, describe_counts, progress_bar, wait_batch
+    from .states import State
+
+    async def action(manager: AsyncJobManager) -> WaitResult:
+        with progress_bar(f"wait {batch or 'all'}", total=None) as bar:
+
+            def on_progress(counts: dict[State, int]) -> None:
+                done = sum(n for s, n in counts.items() if s.terminal)
+                bar.update(
+                    completed=done, total=sum(counts.values()), detail=describe_counts(counts)
+                )
+
+            return await wait_batch(
+                manager,
+                batch=batch,
+                timeout=timeout,
+                concurrency=concurrency,
+                on_progress=on_progress,
+            )
+
+    outcome = run(action)
+    if outcome.total == 0 and batch is not None:
+        fail(f"no jobs in batch {batch!r}; `jobs list` shows known jobs", EXIT_UNKNOWN)
+    counts = {s.value: n for s, n in outcome.counts.items()}
+    emit({"batch": batch, "jobs": outcome.total, "timed_out": outcome.timed_out, **counts})
+    if outcome.counts[State.SUBMITTING]:
+        say(
+            f"{outcome.counts[State.SUBMITTING]} job(s) still submitting: `jobs serve` resolves "
+            "them; a job never sent goes out when the same `jobs submit` runs again"
+        )
+    if outcome.timed_out:
+        fail(f"timed out after {timeout:g}s: {describe_counts(outcome.counts)}", EXIT_NOT_FINISHED)
+    if not outcome.all_succeeded:
+        fail(describe_counts(outcome.counts), EXIT_FAILED)
+
+
+@main.command()
+@click.argument("job")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines until the job ends.")
+def logs(job: str, follow: bool) -> None:
+    """The job's log lines as they were seen, one JSON object per line."""
+
+    async def action(manager: AsyncJobManager) -> None:
+        async for entry in manager.iter_logs(job, follow=follow):
+            emit(entry)
+
+    run(action)
+
+
+@main.command()
+@click.option("--batch", required=True, help="The batch to export.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+def export(batch: str, out: str) -> None:
+    """Write OUT/results.jsonl (one line per job, in input order) and copy the batch's
+    cached files into OUT/files/ (exit 4 unknown batch)."""
+    from .batch import ExportReport, export_batch
+
+    async def action(manager: AsyncJobManager) -> ExportReport:
+        return await export_batch(manager, batch, out)
+
+    report = run(action)
+    if report.jobs == 0:
+        fail(f"no jobs in batch {batch!r}; `jobs list` shows known jobs", EXIT_UNKNOWN)
+    emit(report.to_dict())
+
+
+@main.command()
+@click.option("--older-than", required=True, metavar="DURATION", help="e.g. 30m, 12h, 7d.")
+def gc(older_than: str) -> None:
+    """Remove stored results and cached files of jobs finished before the cutoff (job rows
+    and events stay); prints what was freed."""
+    import time
+
+    from .results import GcReport, collect_garbage, parse_duration
+
+    try:
+        cutoff = time.time() - parse_duration(older_than)
+    except ValueError as exc:
+        fail(f"--older-than: {exc}", EXIT_USAGE)
+
+    async def action(manager: AsyncJobManager) -> GcReport:
+        cache_dir = manager.settings.cache_dir
+        return await manager._db(collect_garbage, manager.store, cache_dir, cutoff)
+
+    emit(run(action).to_dict())
 
 
 @main.command("fake-fal")

@@ -18,6 +18,8 @@ DEFAULT_DATABASE_URL = "sqlite:///jobs.db"
 DEFAULT_FAL_QUEUE_URL = "https://queue.fal.run"
 DEFAULT_FAL_JWKS_URL = "https://rest.alpha.fal.ai/.well-known/jwks.json"
 DEFAULT_REPLICATE_API_URL = "https://api.replicate.com"
+DEFAULT_CACHE_MAX_FILE_BYTES = 512 * 1024 * 1024
+DEFAULT_CACHE_FILE_TIMEOUT = 600.0
 
 
 class Secret:
@@ -79,6 +81,9 @@ class Settings:
     api_token: Secret | None = None
     cache_dir: str = ".jobs-cache"
     cache_files: bool = False
+    # Per downloaded result file: a size cap (bytes) and a wall-clock limit (seconds).
+    cache_max_file_bytes: int = DEFAULT_CACHE_MAX_FILE_BYTES
+    cache_file_timeout: float = DEFAULT_CACHE_FILE_TIMEOUT
     replicate_api_token: Secret | None = None
     replicate_api_url: str = DEFAULT_REPLICATE_API_URL
     replicate_webhook_secret: Secret | None = None
@@ -114,6 +119,16 @@ class Settings:
             "api_token": _secret(env.get("JOBS_API_TOKEN")),
             "cache_dir": env.get("JOBS_CACHE_DIR") or ".jobs-cache",
             "cache_files": _bool("JOBS_CACHE_FILES", env.get("JOBS_CACHE_FILES", "")),
+            "cache_max_file_bytes": _number(
+                "JOBS_CACHE_MAX_FILE_BYTES",
+                env.get("JOBS_CACHE_MAX_FILE_BYTES") or str(DEFAULT_CACHE_MAX_FILE_BYTES),
+                int,
+            ),
+            "cache_file_timeout": _number(
+                "JOBS_CACHE_FILE_TIMEOUT",
+                env.get("JOBS_CACHE_FILE_TIMEOUT") or str(DEFAULT_CACHE_FILE_TIMEOUT),
+                float,
+            ),
             "replicate_api_token": _secret(env.get("REPLICATE_API_TOKEN")),
             "replicate_api_url": (
                 env.get("JOBS_REPLICATE_API_URL") or DEFAULT_REPLICATE_API_URL

@@ -27,6 +27,7 @@ from .errors import (
     CancelTooLate,
     JobFailed,
     JobNotFinished,
+    JobNotFound,
     ProviderError,
     ProviderRejected,
     ProviderUnavailable,
@@ -37,8 +38,10 @@ from .metrics import POLL_SECONDS, POLLS, RATE_LIMIT_WAITS, RESULTS, SUBMITS
 from .providers.base import Observation, Provider, SubmitRequest, Submitted
 from .providers.fal import FalProvider, parse_webhook
 from .providers.http import RateGate, make_client
+from .results import FileCache
 from .states import FailureReason, State
-from .store import Applied, Job, NewJob, Store
+from .store import Applied, Change, Job, NewJob, Store
+from .writer import ApplyWriter
 
 T = TypeVar("T")
 
@@ -94,6 +97,8 @@ class AsyncJobManager:
         self._providers: dict[str, Provider] = dict(providers or {})
         self.poll_policy = poll_policy or PollPolicy()
         self.owner = owner or _owner_name()
+        self.writer = ApplyWriter(store)
+        self._files: FileCache | None = None
 
     # --- providers -----------------------------------------------------------------------
 
@@ -109,7 +114,21 @@ class AsyncJobManager:
             )
         return self._providers[name]
 
+    @property
+    def files(self) -> FileCache:
+        """The result-file cache (downloads into ``settings.cache_dir``)."""
+        if self._files is None:
+            self._files = FileCache(
+                self.store,
+                self.settings.cache_dir,
+                max_bytes=self.settings.cache_max_file_bytes,
+                timeout=self.settings.cache_file_timeout,
+            )
+        return self._files
+
     async def aclose(self) -> None:
+        if self._files is not None:
+            await self._files.aclose()
         for provider in self._providers.values():
             await provider.close()
         self._providers.clear()
@@ -327,21 +346,29 @@ class AsyncJobManager:
         return (await self.apply(job, observation)).job
 
     async def apply(self, job: Job, observation: Observation) -> Applied:
-        """Apply an observation (poll, webhook) through the store's compare-and-set."""
+        """Apply an observation to a job through the store's compare-and-set (batched)."""
+        change = Change(observation, job_id=job.id, schedule=self._schedule)
+        applied = await self.writer.apply(change)
+        if applied is None:
+            raise JobNotFound(job.id)
+        return self._after_apply(applied)
+
+    def _schedule(self, job: Job, observation: Observation) -> tuple[float | None, float | None]:
+        """When to poll ``job`` next after ``observation`` (called inside the transaction,
+        with the job as it is there, not as some earlier read saw it)."""
         changed = (
             observation.state is not job.state or observation.queue_position != job.queue_position
         )
         step = next_poll(
             self.poll_policy, previous=job.poll_interval, changed=changed, webhook=job.webhook
         )
-        next_at = time.time() + (0.0 if observation.needs_result else step.delay)
-        return await self._db(
-            self.store.apply,
-            job.id,
-            observation,
-            next_poll_at=next_at,
-            poll_interval=step.interval,
-        )
+        return time.time() + (0.0 if observation.needs_result else step.delay), step.interval
+
+    def _after_apply(self, applied: Applied) -> Applied:
+        done = applied.job
+        if applied.finished and done.state is State.SUCCEEDED and done.download_files:
+            self.files.schedule(done.id)  # in the background: the poll goes on
+        return applied
 
     async def handle_fal_webhook(
         self,
@@ -353,17 +380,20 @@ class AsyncJobManager:
         now: float | None = None,
     ) -> Applied | None:
         """Verify a fal callback and apply it. Raises ``SignatureError``/``ValueError``;
-        returns None for a request we do not know (nothing is stored)."""
+        returns None for a request we do not know (nothing is stored). ``job_id`` comes from
+        the callback URL: it resolves an ambiguous submit that never learned its request id."""
         delivery = parse_webhook(
             headers, body, keys, time.time() if now is None else now, job_id=job_id
         )
-        job = await self._db(self.store.find_by_request_id, "fal", delivery.request_id)
-        if job is None and delivery.job_id is not None:
-            # An ambiguous submit: our job id in the URL names it, the body its request id.
-            job = await self._db(self.store.adopt_request_id, delivery.job_id, delivery.request_id)
-        if job is None:
-            return None
-        return await self.apply(job, delivery.observation)
+        change = Change(
+            delivery.observation,
+            request_id=delivery.request_id,
+            provider="fal",
+            adopt_job_id=delivery.job_id,
+            schedule=self._schedule,
+        )
+        applied = await self.writer.apply(change)
+        return None if applied is None else self._after_apply(applied)
 
     # --- results and watching ------------------------------------------------------------
 
@@ -422,7 +452,12 @@ class AsyncJobManager:
             raise JobFailed(job.id, job.state.value, job.error)
         found, data = await self._db(self.store.result, job.id)
         if not found:
-            raise JobFailed(job.id, "succeeded, but its result was removed (jobs gc)", None)
+            removed = {
+                "type": "result_removed",
+                "message": "its result was removed by `jobs gc` (retention); "
+                "the job and its events are kept (`jobs status`)",
+            }
+            raise JobFailed(job.id, job.state.value, removed)
         return data
 
     async def iter_events(
@@ -444,6 +479,21 @@ class AsyncJobManager:
                 continue
             last = event
             yield event
+
+    async def iter_logs(
+        self, ref: str, *, follow: bool = False, timeout: float | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The job's stored log lines; with ``follow``, then each new one as polls (its own,
+        when nobody else polls) bring it, until the job is terminal."""
+        job = await self.status(ref)
+        seen = 0
+        jobs = self.watch(job.id, timeout=timeout) if follow else _once(job)
+        async for _ in jobs:
+            lines = await self._db(self.store.logs, job.id, after=seen)
+            if lines:
+                seen = lines[-1][0]
+            for _seq, entry in lines:
+                yield dict(entry)
 
     async def subscribe(
         self,
@@ -519,6 +569,10 @@ def _error_of(exc: ProviderError) -> dict[str, Any]:
 async def _maybe_await(value: Any) -> None:
     if isinstance(value, Awaitable):
         await value
+
+
+async def _once(job: Job) -> AsyncIterator[Job]:
+    yield job
 
 
 class _Portal:

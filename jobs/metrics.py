@@ -44,6 +44,18 @@ RATE_LIMIT_WAITS = Counter(
 LEASE_TAKEOVERS = Counter(
     "jobs_lease_takeovers", "Jobs claimed after another owner's lease expired.", registry=REGISTRY
 )
+POLLER_ERRORS = Counter(
+    "jobs_poller_errors",
+    "Unexpected exceptions the poller logged and survived, by where (claim, poll, resolve).",
+    ["where"],
+    registry=REGISTRY,
+)
+AMBIGUOUS_DECISIONS = Counter(
+    "jobs_ambiguous_decisions",
+    "Submits resolved after the grace period, by decision (send, resubmit, fail, poll).",
+    ["decision"],
+    registry=REGISTRY,
+)
 
 
 class StateCollector(Collector):

@@ -13,6 +13,7 @@ retried a bounded number of times.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import threading
@@ -21,13 +22,14 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, TypeVar
 
-from sqlalchemy import Row, and_, func, insert, or_, select, update
+from sqlalchemy import Row, and_, delete, exists, func, insert, or_, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
-from .db import create_db_engine, job_events, job_logs, jobs, results
+from .db import create_db_engine, job_events, job_files, job_logs, jobs, results
 from .errors import ConfigError, JobNotFound
 from .providers.base import Observation, RemoteRef, Submitted
 from .states import ACTIVE, FailureReason, State, can_transition
@@ -182,6 +184,78 @@ class Claimed:
     took_over: bool  # the lease belonged to another (presumably dead) owner
 
 
+Schedule = Callable[[Job, Observation], tuple[float | None, float | None]]
+
+
+@dataclass(frozen=True)
+class Change:
+    """One observation to apply, to a job named by our id or by its request id."""
+
+    obs: Observation
+    job_id: str | None = None
+    request_id: str | None = None
+    provider: str = "fal"
+    # No job has ``request_id`` yet: our id from the webhook URL names an ambiguous submit.
+    adopt_job_id: str | None = None
+    next_poll_at: float | None = None
+    poll_interval: float | None = None
+    # Computes (next_poll_at, poll_interval) from the job as read inside the transaction.
+    schedule: Schedule | None = None
+    only_from: tuple[State, ...] | None = None
+
+
+@dataclass(frozen=True)
+class NewFile:
+    """A file found in a job's result, to be downloaded (see :mod:`jobs.results`)."""
+
+    n: int
+    url: str
+    json_path: str | None = None
+    file_name: str | None = None
+    content_type: str | None = None
+
+
+@dataclass(frozen=True)
+class JobFile:
+    """One row of ``job_files``: state ``pending``, ``downloaded`` or ``failed``."""
+
+    job_id: str
+    n: int
+    url: str
+    json_path: str | None
+    file_name: str | None
+    content_type: str | None
+    size: int | None
+    sha256: str | None
+    state: str
+    error: str | None
+    stored_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            "url": self.url,
+            "json_path": self.json_path,
+            "file_name": self.file_name,
+            "content_type": self.content_type,
+            "size": self.size,
+            "sha256": self.sha256,
+            "state": self.state,
+            "error": self.error,
+            "stored_at": iso(self.stored_at),
+        }
+
+
+@dataclass(frozen=True)
+class GcBatch:
+    """What :meth:`Store.gc_batch` removed from the database."""
+
+    job_ids: list[str]
+    results: int
+    result_bytes: int
+    files: list[JobFile]
+
+
 class Store:
     """The only place that talks SQL."""
 
@@ -331,30 +405,7 @@ class Store:
     ) -> Job | None:
         """A webhook named our job and its request id: an ambiguous submit resolved."""
         now = time.time() if now is None else now
-
-        def tx(conn: Connection) -> Job | None:
-            done = conn.execute(
-                update(jobs)
-                .where(
-                    jobs.c.id == job_id,
-                    jobs.c.state == State.SUBMITTING.value,
-                    jobs.c.request_id.is_(None),
-                )
-                .values(request_id=request_id, submitted_at=now, updated_at=now)
-            )
-            if done.rowcount != 1:
-                return None
-            _event(
-                conn,
-                job_id,
-                now,
-                "ambiguous_resolved",
-                reason="webhook",
-                detail={"request_id": request_id},
-            )
-            return _get(conn, job_id)
-
-        return self._tx(tx)
+        return self._tx(lambda conn: _adopt(conn, job_id, request_id, now))
 
     def mark_submitted(
         self,
@@ -438,60 +489,49 @@ class Store:
         next_poll_at: float | None = None,
         poll_interval: float | None = None,
         only_from: Sequence[State] | None = None,
+        schedule: Schedule | None = None,
         now: float | None = None,
     ) -> Applied:
         """The one place observations change jobs (polls, webhooks, submits, results).
 
-        ``next_poll_at`` is when the job should be polled next if it is still active;
-        ``only_from`` narrows the states the change may start from.
+        ``next_poll_at``/``poll_interval``, or ``schedule(current job, obs)``, say when an
+        active job is polled next; ``only_from`` narrows the states the change may start from.
         """
+        change = Change(
+            obs,
+            job_id=job_id,
+            next_poll_at=next_poll_at,
+            poll_interval=poll_interval,
+            only_from=tuple(only_from) if only_from is not None else None,
+            schedule=schedule,
+        )
+        [applied] = self.apply_many([change], now=now)
+        if applied is None:
+            raise JobNotFound(job_id)
+        return applied
+
+    def apply_many(
+        self, changes: Sequence[Change], *, now: float | None = None
+    ) -> list[Applied | None]:
+        """Apply several changes in one transaction (group commit); None for a change whose
+        job is unknown. Raises if any change fails: the caller may retry them one by one."""
         now = time.time() if now is None else now
-
-        def tx(conn: Connection) -> Applied:
-            for _ in range(DB_RETRIES):
-                current = _get(conn, job_id)
-                allowed = can_transition(current.state, obs.state) and (
-                    only_from is None or current.state in only_from
-                )
-                if not allowed:
-                    return Applied(job=current, previous=current.state, changed=False)
-                values = _values_for(current, obs, now, next_poll_at, poll_interval)
-                done = conn.execute(
-                    update(jobs)
-                    .where(jobs.c.id == job_id, jobs.c.state == current.state.value)
-                    .values(**values)
-                )
-                if done.rowcount == 1:
-                    break
-            else:
-                raise RuntimeError(f"job {job_id} kept changing under us; giving up this apply")
-            changed = obs.state is not current.state
-            if changed:
-                _event(
-                    conn,
-                    job_id,
-                    now,
-                    "state",
-                    from_state=current.state,
-                    to_state=obs.state,
-                    reason=obs.failure_reason.value if obs.failure_reason else obs.source,
-                    detail={"error": dict(obs.error)} if obs.error else None,
-                )
-            if obs.state is State.SUCCEEDED:
-                _store_result(conn, job_id, obs.result, now)
-            if obs.logs:
-                _append_logs(conn, job_id, obs.logs, now)
-            return Applied(job=_get(conn, job_id), previous=current.state, changed=changed)
-
-        return self._tx(tx)
+        return self._tx(lambda conn: [_apply_one(conn, change, now) for change in changes])
 
     # --- polling: claims and leases -------------------------------------------------------
 
     def claim_due(
-        self, owner: str, *, limit: int, lease_seconds: float, now: float | None = None
+        self,
+        owner: str,
+        *,
+        limit: int,
+        lease_seconds: float,
+        batch: str | None = None,
+        now: float | None = None,
     ) -> list[Claimed]:
-        """Take up to ``limit`` due jobs for ``owner``. The claim pushes ``next_poll_at`` to the
-        lease's end, so a job whose poller dies becomes due again by itself."""
+        """Take up to ``limit`` due jobs for ``owner`` (only of ``batch`` when given: ``jobs
+        wait --batch``). The claim pushes ``next_poll_at`` to the lease's end, so a job whose
+        poller dies becomes due again by itself."""
         now = time.time() if now is None else now
         until = now + lease_seconds
         lease = {
@@ -501,6 +541,8 @@ class Store:
             "polls": jobs.c.polls + 1,
         }
         due = and_(jobs.c.next_poll_at <= now, jobs.c.state.in_([s.value for s in ACTIVE]))
+        if batch is not None:
+            due = and_(due, jobs.c.batch == batch)
 
         def tx_sqlite(conn: Connection) -> list[Claimed]:
             picked = conn.execute(
@@ -688,10 +730,21 @@ class Store:
         rows = self._tx(lambda conn: conn.execute(query).all(), write=False)
         return [Job.from_row(r) for r in rows]
 
-    def count_by_state(self, *, batch: str | None = None) -> dict[State, int]:
+    def count_by_state(
+        self, *, batch: str | None = None, finished_since: float | None = None
+    ) -> dict[State, int]:
+        """Jobs per state; with ``finished_since``, only active jobs and those that finished at
+        or after it (what ``jobs wait`` without a batch watches)."""
         query = select(jobs.c.state, func.count()).group_by(jobs.c.state)
         if batch is not None:
             query = query.where(jobs.c.batch == batch)
+        if finished_since is not None:
+            query = query.where(
+                or_(
+                    jobs.c.state.in_([s.value for s in ACTIVE]),
+                    jobs.c.finished_at >= finished_since,
+                )
+            )
         rows = self._tx(lambda conn: conn.execute(query).all(), write=False)
         counts = dict.fromkeys(State, 0)
         counts.update({State(state): n for state, n in rows})
@@ -750,8 +803,280 @@ class Store:
         )
         return [Job.from_row(r) for r in rows]
 
+    # --- result files, batches and retention ----------------------------------------------
+
+    def add_files(
+        self, job_id: str, files: Sequence[NewFile], *, now: float | None = None
+    ) -> list[JobFile]:
+        """Record the files of a job's result as ``pending`` (those not recorded yet, so a
+        second call changes nothing); return every file row of the job."""
+        now = time.time() if now is None else now
+
+        def tx(conn: Connection) -> list[JobFile]:
+            have = set(
+                conn.execute(select(job_files.c.n).where(job_files.c.job_id == job_id)).scalars()
+            )
+            fresh = [
+                {
+                    "job_id": job_id,
+                    "n": f.n,
+                    "url": f.url,
+                    "json_path": f.json_path,
+                    "file_name": f.file_name,
+                    "content_type": f.content_type,
+                    "state": "pending",
+                    "stored_at": now,
+                }
+                for f in files
+                if f.n not in have
+            ]
+            if fresh:
+                conn.execute(insert(job_files), fresh)
+            return _files_of(conn, [job_id]).get(job_id, [])
+
+        try:
+            return self._tx(tx)
+        except IntegrityError:  # another process recorded them between our read and write
+            return self._tx(tx)
+
+    def set_file(
+        self,
+        job_id: str,
+        n: int,
+        *,
+        state: str,
+        sha256: str | None = None,
+        size: int | None = None,
+        content_type: str | None = None,
+        error: str | None = None,
+        now: float | None = None,
+    ) -> None:
+        """Record a download's outcome; ``content_type`` only fills a type the result lacked."""
+        now = time.time() if now is None else now
+        self._tx(
+            lambda conn: conn.execute(
+                update(job_files)
+                .where(job_files.c.job_id == job_id, job_files.c.n == n)
+                .values(
+                    state=state,
+                    sha256=sha256,
+                    size=size,
+                    error=error,
+                    stored_at=now,
+                    content_type=func.coalesce(job_files.c.content_type, content_type),
+                )
+            )
+        )
+
+    def files(self, job_id: str) -> list[JobFile]:
+        return self.files_of([job_id]).get(job_id, [])
+
+    def files_of(self, job_ids: Sequence[str]) -> dict[str, list[JobFile]]:
+        """File rows of many jobs, by job id, each list in ``n`` order."""
+        found: dict[str, list[JobFile]] = {}
+        for chunk in _chunks(job_ids):
+            found.update(self._tx(partial(_files_of, job_ids=chunk), write=False))
+        return found
+
+    def results_of(self, job_ids: Sequence[str]) -> dict[str, Any]:
+        """Stored results of many jobs, by job id (jobs without one are absent)."""
+        found: dict[str, Any] = {}
+        for chunk in _chunks(job_ids):
+            found.update(self._tx(partial(_results_of, job_ids=chunk), write=False))
+        return found
+
+    def batch_jobs(self, batch: str) -> list[Job]:
+        """Every job of a batch in input order (``batch_index``, then creation)."""
+        rows = self._tx(
+            lambda conn: conn.execute(
+                select(jobs)
+                .where(jobs.c.batch == batch)
+                .order_by(jobs.c.batch_index.is_(None), jobs.c.batch_index, jobs.c.id)
+            ).all(),
+            write=False,
+        )
+        return [Job.from_row(r) for r in rows]
+
+    def gc_batch(self, cutoff: float, *, limit: int = 500, now: float | None = None) -> GcBatch:
+        """Delete the stored results and file rows of up to ``limit`` terminal jobs that
+        finished before ``cutoff``. The jobs and their events stay; each gets a ``gc`` event.
+        Returns what went, so the caller can delete cached files nobody names any more."""
+        now = time.time() if now is None else now
+        terminal = [s.value for s in State if s.terminal]
+
+        def tx(conn: Connection) -> GcBatch:
+            has_data = or_(
+                exists().where(results.c.job_id == jobs.c.id),
+                exists().where(job_files.c.job_id == jobs.c.id),
+            )
+            ids = list(
+                conn.execute(
+                    select(jobs.c.id)
+                    .where(jobs.c.state.in_(terminal), jobs.c.finished_at < cutoff, has_data)
+                    .order_by(jobs.c.finished_at)
+                    .limit(limit)
+                ).scalars()
+            )
+            if not ids:
+                return GcBatch(job_ids=[], results=0, result_bytes=0, files=[])
+            sizes: dict[str, int] = {
+                r.job_id: r.size
+                for r in conn.execute(
+                    select(results.c.job_id, results.c.size).where(results.c.job_id.in_(ids))
+                )
+            }
+            files = _files_of(conn, ids)
+            conn.execute(delete(results).where(results.c.job_id.in_(ids)))
+            conn.execute(delete(job_files).where(job_files.c.job_id.in_(ids)))
+            events = [
+                {
+                    "job_id": job_id,
+                    "at": now,
+                    "kind": "gc",
+                    "reason": "retention",
+                    "detail": {
+                        "cutoff": iso(cutoff),
+                        "result_bytes": sizes.get(job_id, 0),
+                        "files": len(files.get(job_id, [])),
+                    },
+                }
+                for job_id in ids
+            ]
+            conn.execute(insert(job_events), events)
+            return GcBatch(
+                job_ids=ids,
+                results=len(sizes),
+                result_bytes=sum(sizes.values()),
+                files=[f for job_id in ids for f in files.get(job_id, [])],
+            )
+
+        return self._tx(tx)
+
+    def referenced_sha256(self, digests: Sequence[str]) -> set[str]:
+        """Which of these content hashes a ``job_files`` row still names: one cached file
+        serves every job whose result has the same bytes."""
+        found: set[str] = set()
+        for chunk in _chunks(digests):
+            found.update(self._tx(partial(_referenced, digests=chunk), write=False))
+        return found
+
 
 # --- statement helpers, used inside transactions ------------------------------------------
+
+
+def _apply_one(conn: Connection, change: Change, now: float) -> Applied | None:
+    current = _find(conn, change, now)
+    if current is None:
+        return None
+    obs = change.obs
+    for _ in range(DB_RETRIES):
+        allowed = can_transition(current.state, obs.state) and (
+            change.only_from is None or current.state in change.only_from
+        )
+        if not allowed:
+            return Applied(job=current, previous=current.state, changed=False)
+        if change.schedule is not None:
+            next_poll_at, poll_interval = change.schedule(current, obs)
+        else:
+            next_poll_at, poll_interval = change.next_poll_at, change.poll_interval
+        values = _values_for(current, obs, now, next_poll_at, poll_interval)
+        done = conn.execute(
+            update(jobs)
+            .where(jobs.c.id == current.id, jobs.c.state == current.state.value)
+            .values(**values)
+        )
+        if done.rowcount == 1:
+            break
+        current = _get(conn, current.id)  # another process moved it: decide again
+    else:
+        raise RuntimeError(f"job {current.id} kept changing under us; giving up this apply")
+    changed = obs.state is not current.state
+    if changed:
+        _event(
+            conn,
+            current.id,
+            now,
+            "state",
+            from_state=current.state,
+            to_state=obs.state,
+            reason=obs.failure_reason.value if obs.failure_reason else obs.source,
+            detail={"error": dict(obs.error)} if obs.error else None,
+        )
+    if obs.state is State.SUCCEEDED:
+        _store_result(conn, current.id, obs.result, now)
+    if obs.logs:
+        _append_logs(conn, current.id, obs.logs, now)
+    after = dataclasses.replace(current, **{**values, "state": obs.state})
+    return Applied(job=after, previous=current.state, changed=changed)
+
+
+def _find(conn: Connection, change: Change, now: float) -> Job | None:
+    if change.job_id is not None:
+        row = conn.execute(select(jobs).where(jobs.c.id == change.job_id)).first()
+        return Job.from_row(row) if row is not None else None
+    row = conn.execute(
+        select(jobs).where(
+            jobs.c.request_id == change.request_id, jobs.c.provider == change.provider
+        )
+    ).first()
+    if row is not None:
+        return Job.from_row(row)
+    if change.adopt_job_id is not None and change.request_id is not None:
+        return _adopt(conn, change.adopt_job_id, change.request_id, now)
+    return None
+
+
+def _adopt(conn: Connection, job_id: str, request_id: str, now: float) -> Job | None:
+    done = conn.execute(
+        update(jobs)
+        .where(
+            jobs.c.id == job_id,
+            jobs.c.state == State.SUBMITTING.value,
+            jobs.c.request_id.is_(None),
+        )
+        .values(request_id=request_id, submitted_at=now, updated_at=now)
+    )
+    if done.rowcount != 1:
+        return None
+    _event(
+        conn,
+        job_id,
+        now,
+        "ambiguous_resolved",
+        reason="webhook",
+        detail={"request_id": request_id},
+    )
+    return _get(conn, job_id)
+
+
+def _chunks(items: Sequence[str], size: int = 500) -> Iterator[Sequence[str]]:
+    """Slices small enough for an ``IN (…)`` list on every backend."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _results_of(conn: Connection, job_ids: Sequence[str]) -> dict[str, Any]:
+    rows = conn.execute(
+        select(results.c.job_id, results.c.data).where(results.c.job_id.in_(job_ids))
+    ).all()
+    return {r.job_id: r.data for r in rows}
+
+
+def _referenced(conn: Connection, digests: Sequence[str]) -> list[str]:
+    query = select(job_files.c.sha256).where(job_files.c.sha256.in_(digests)).distinct()
+    return [d for d in conn.execute(query).scalars() if d is not None]
+
+
+def _files_of(conn: Connection, job_ids: Sequence[str]) -> dict[str, list[JobFile]]:
+    rows = conn.execute(
+        select(job_files)
+        .where(job_files.c.job_id.in_(job_ids))
+        .order_by(job_files.c.job_id, job_files.c.n)
+    ).all()
+    found: dict[str, list[JobFile]] = {}
+    for row in rows:
+        found.setdefault(row.job_id, []).append(JobFile(**row._mapping))
+    return found
 
 
 def _transient(exc: DBAPIError) -> bool:
@@ -869,4 +1194,16 @@ def _log_key(entry: Mapping[str, Any]) -> tuple[str, str]:
     return (str(entry.get("timestamp")), str(entry.get("message")))
 
 
-__all__ = ["Applied", "Claimed", "Job", "NewJob", "Store", "iso", "new_job_id"]
+__all__ = [
+    "Applied",
+    "Change",
+    "Claimed",
+    "GcBatch",
+    "Job",
+    "JobFile",
+    "NewFile",
+    "NewJob",
+    "Store",
+    "iso",
+    "new_job_id",
+]

@@ -49,8 +49,9 @@ def test_fal_vectors(case: dict[str, Any]) -> None:
     body = base64.b64decode(case["body_base64"])
     assert body == case["body"].encode()
     if case["expected"] == "valid":
-        assert verify_fal(case["headers"], body, keys, case["verify_at_unix"]) == (
-            case["headers"]["X-Fal-Webhook-Request-Id"]
+        assert (
+            verify_fal(case["headers"], body, keys, case["verify_at_unix"])
+            == (case["headers"]["X-Fal-Webhook-Request-Id"])
         )
     else:
         with pytest.raises(SignatureError):

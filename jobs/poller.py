@@ -1,0 +1,385 @@
+"""The poll scheduler of ``jobs serve``: a few periodic tasks that read due work from the store.
+
+The ``jobs`` table is the only state (design.md part 1), so APScheduler holds exactly two
+interval jobs, never one per remote request:
+
+- :meth:`Poller.tick` claims due jobs under a lease (``store.claim_due``: ``BEGIN IMMEDIATE``
+  on SQLite, ``FOR UPDATE SKIP LOCKED`` on PostgreSQL) and polls each with
+  ``manager.refresh``, which applies what it saw through the store's compare-and-set and
+  schedules the next poll by backoff.
+- :meth:`Poller.resolve_ambiguous` decides what happens to jobs left in ``submitting``.
+
+Concurrency is bounded by claiming only as many jobs as there are free poll slots: a claimed
+job is polled at once, so its lease is never spent waiting in a local queue while another
+replica could have polled it. Polls outlive the tick that started them (a slow reply holds
+one slot, not the tick); every request still goes through the provider's one ``RateGate``
+(the manager holds one provider instance), so a 429 pauses the whole provider, and while it
+is paused the slots stay full and nothing more is claimed. A poll is cancelled once it has
+used up its lease, so no two owners ever poll one job at the same time.
+
+Nothing here may stop the service: every periodic run logs and survives any exception. A
+job whose poll crashed keeps its lease and becomes due again when the lease ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Literal
+
+from .logs import job_context
+from .metrics import AMBIGUOUS_DECISIONS, LEASE_TAKEOVERS, POLLER_ERRORS
+from .states import FailureReason, State
+
+if TYPE_CHECKING:  # kept out of the import, so `jobs --help` can show the defaults cheaply
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+    from .manager import AsyncJobManager
+    from .store import Claimed, Job
+
+log = logging.getLogger(__name__)
+
+AmbiguousPolicy = Literal["resubmit", "fail"]
+
+TICK = 0.25  # seconds between claims of due jobs
+BATCH = 100  # most jobs claimed by one statement
+CONCURRENCY = 64  # most polls in flight (claims never exceed the free slots)
+LEASE = 60.0  # seconds a claimed job belongs to this poller; a poll is cut off at its end
+AMBIGUOUS_GRACE = 120.0  # seconds a job may sit in submitting before the resolver decides
+# (longer than a submit can take: a 30 s reply timeout, retries only while nothing was sent)
+AMBIGUOUS_PERIOD = 10.0  # seconds between runs of the ambiguous resolver
+STOP_TIMEOUT = 10.0  # seconds stop() lets in-flight polls finish before cancelling them
+POLL_BUDGET = 0.9  # share of the lease a poll may take (the claim happened a moment earlier)
+
+
+class Poller:
+    """Claims due jobs and polls them; resolves ambiguous submits. One per ``jobs serve``."""
+
+    def __init__(
+        self,
+        manager: AsyncJobManager,
+        *,
+        tick: float = TICK,
+        batch: int = BATCH,
+        concurrency: int = CONCURRENCY,
+        lease: float = LEASE,
+        ambiguous_grace: float = AMBIGUOUS_GRACE,
+        ambiguous_period: float = AMBIGUOUS_PERIOD,
+        ambiguous_policy: AmbiguousPolicy | None = None,
+        stop_timeout: float = STOP_TIMEOUT,
+    ) -> None:
+        """``ambiguous_policy`` None takes the manager's settings (``JOBS_AMBIGUOUS_POLICY``)."""
+        if min(tick, lease, ambiguous_period) <= 0 or min(batch, concurrency) < 1:
+            raise ValueError(
+                "tick, lease and ambiguous_period must be > 0; batch, concurrency >= 1"
+            )
+        policy = ambiguous_policy or manager.settings.ambiguous_policy
+        if policy not in ("resubmit", "fail"):
+            raise ValueError(f"ambiguous_policy must be 'resubmit' or 'fail', not {policy!r}")
+        self.manager = manager
+        self.tick_period = tick
+        self.batch = batch
+        self.concurrency = concurrency
+        self.lease = lease
+        self.ambiguous_grace = ambiguous_grace
+        self.ambiguous_period = ambiguous_period
+        self.ambiguous_policy: AmbiguousPolicy = "fail" if policy == "fail" else "resubmit"
+        self.stop_timeout = stop_timeout
+        self._polls: set[asyncio.Task[None]] = set()
+        self._runs: set[asyncio.Task[object]] = set()  # ticks and resolver runs in progress
+        self._tick_lock = asyncio.Lock()
+        self._stopping = False
+        self._scheduler: AsyncIOScheduler | None = None
+
+    @property
+    def owner(self) -> str:
+        return self.manager.owner
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._polls)
+
+    # --- the tick ------------------------------------------------------------------------
+
+    async def tick(self) -> int:
+        """Claim due jobs into the free poll slots, in batches while full batches come back,
+        and start polling them. Returns how many were claimed; the polls go on after it
+        returns (:meth:`idle` waits for them)."""
+        claimed_total = 0
+        async with self._tick_lock:
+            while not self._stopping:
+                room = min(self.batch, self.concurrency - len(self._polls))
+                if room <= 0:
+                    break
+                try:
+                    claimed = await asyncio.to_thread(
+                        self.manager.store.claim_due,
+                        self.owner,
+                        limit=room,
+                        lease_seconds=self.lease,
+                    )
+                except Exception:
+                    POLLER_ERRORS.labels("claim").inc()
+                    log.exception("claiming due jobs failed; the next tick tries again")
+                    break
+                self._note_takeovers(claimed)
+                for item in claimed:
+                    self._start_poll(item.job)
+                claimed_total += len(claimed)
+                if len(claimed) < room:
+                    break
+        return claimed_total
+
+    def _note_takeovers(self, claimed: list[Claimed]) -> None:
+        taken = [item.job for item in claimed if item.took_over]
+        if not taken:
+            return
+        LEASE_TAKEOVERS.inc(len(taken))
+        for job in taken:
+            with job_context(job.id, job.request_id):
+                log.info("took over the job from an expired lease")
+
+    def _start_poll(self, job: Job) -> None:
+        task = asyncio.create_task(self._poll(job), name=f"poll {job.id}")
+        self._polls.add(task)
+        task.add_done_callback(self._polls.discard)
+
+    async def _poll(self, job: Job) -> None:
+        with job_context(job.id, job.request_id):
+            started = time.monotonic()
+            try:
+                async with asyncio.timeout(self.lease * POLL_BUDGET):
+                    after = await self.manager.refresh(job)
+            except TimeoutError:
+                POLLER_ERRORS.labels("poll").inc()
+                log.warning(
+                    "poll outlasted its lease and was abandoned; the job is due again when "
+                    "the lease ends",
+                    extra={"seconds": round(time.monotonic() - started, 3)},
+                )
+                return
+            except Exception:
+                POLLER_ERRORS.labels("poll").inc()
+                log.exception("poll failed; the job is due again when its lease ends")
+                return
+            if after.terminal and after.state is not job.state:
+                log.info("job %s", after.state.value, extra={"polls": after.polls})
+            elif log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "polled",
+                    extra={
+                        "state": after.state.value,
+                        "polls": after.polls,
+                        "seconds": round(time.monotonic() - started, 3),
+                    },
+                )
+
+    async def idle(self) -> None:
+        """Wait until no poll started by :meth:`tick` is in flight."""
+        while self._polls:
+            await asyncio.wait(set(self._polls))
+
+    # --- ambiguous submits ---------------------------------------------------------------
+
+    async def resolve_ambiguous(self) -> int:
+        """Decide every job that has sat in ``submitting`` longer than the grace period;
+        returns how many decisions were made here. Each decision is an event on the job:
+
+        - ``attempts == 0``: nothing ever left, so sending is safe (``submit_sent``,
+          reason ``never sent``);
+        - ``attempts > 0``, no request id: the submit may have reached the queue. Policy
+          ``resubmit`` sends again (``submit_sent``, reason ``ambiguous resubmit``: at least
+          once), policy ``fail`` ends the job (``failed``, reason ``ambiguous_submit``);
+        - a request id but still ``submitting`` (a webhook named the job, then the process
+          died before applying it): made due, so the poller finds out its state.
+        """
+        decided = 0
+        seen: set[str] = set()
+        sem = asyncio.Semaphore(self.concurrency)
+
+        async def decide(job: Job) -> bool:
+            async with sem:
+                with job_context(job.id, job.request_id):
+                    try:
+                        return await self._decide(job)
+                    except Exception:
+                        POLLER_ERRORS.labels("resolve").inc()
+                        log.exception("resolving an ambiguous submit failed; retried next run")
+                        return False
+
+        while not self._stopping:
+            older_than = time.time() - self.ambiguous_grace
+            try:
+                found = await asyncio.to_thread(
+                    self.manager.store.ambiguous, older_than=older_than, limit=self.batch
+                )
+            except Exception:
+                POLLER_ERRORS.labels("resolve").inc()
+                log.exception("listing ambiguous submits failed; the next run tries again")
+                break
+            fresh = [job for job in found if job.id not in seen]
+            if not fresh:
+                break
+            seen.update(job.id for job in fresh)
+            results = await asyncio.gather(*(decide(job) for job in fresh))
+            decided += sum(results)
+            if len(found) < self.batch:
+                break
+        return decided
+
+    async def _decide(self, job: Job) -> bool:
+        store = self.manager.store
+        if job.request_id is not None:
+            if job.next_poll_at is not None:
+                return False  # already made due: the tick takes it from here
+            await asyncio.to_thread(store.poll_soon, job.id)
+            await asyncio.to_thread(
+                store.record_event, job.id, "ambiguous_resolved", reason="has request id: poll"
+            )
+            AMBIGUOUS_DECISIONS.labels("poll").inc()
+            log.info("submitting job already has a request id; polling it")
+            return True
+        if job.attempts == 0:
+            return await self._send(job, "never sent", decision="send")
+        if self.ambiguous_policy == "resubmit":
+            return await self._send(job, "ambiguous resubmit", decision="resubmit")
+        age = round(time.time() - job.updated_at, 1)
+        error = {
+            "type": FailureReason.AMBIGUOUS_SUBMIT.value,
+            "message": (
+                f"the submit may have reached {job.provider}, but no request id came back "
+                f"within {age:g} s; JOBS_AMBIGUOUS_POLICY=fail ends it rather than risk a "
+                "second paid request"
+            ),
+            "attempts": job.attempts,
+        }
+        applied = await asyncio.to_thread(
+            store.fail,
+            job.id,
+            FailureReason.AMBIGUOUS_SUBMIT,
+            error,
+            only_from=(State.SUBMITTING,),
+        )
+        if applied.changed:
+            AMBIGUOUS_DECISIONS.labels("fail").inc()
+            log.warning("ambiguous submit failed by policy", extra={"attempts": job.attempts})
+        return applied.changed
+
+    async def _send(self, job: Job, reason: str, *, decision: str) -> bool:
+        after = await self.manager.send(job, reason=reason)
+        sent = after.attempts > job.attempts or after.state is not State.SUBMITTING
+        if sent:
+            AMBIGUOUS_DECISIONS.labels(decision).inc()
+            log.info(
+                "ambiguous submit resolved: %s",
+                reason,
+                extra={"state": after.state.value, "attempts": after.attempts},
+            )
+        return sent
+
+    # --- running -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run :meth:`tick` every ``tick`` seconds and :meth:`resolve_ambiguous` every
+        ``ambiguous_period`` seconds on the running event loop (APScheduler 3)."""
+        from apscheduler.schedulers.asyncio import AsyncIOScheduler  # only `serve` needs it
+
+        if self._scheduler is not None:
+            raise RuntimeError("the poller is already running")
+        self._stopping = False
+        scheduler = AsyncIOScheduler(
+            job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
+        )
+        now = datetime.now(UTC)
+        scheduler.add_job(
+            self._guarded(self.tick),
+            "interval",
+            seconds=self.tick_period,
+            id="tick",
+            next_run_time=now,
+        )
+        scheduler.add_job(
+            self._guarded(self.resolve_ambiguous),
+            "interval",
+            seconds=self.ambiguous_period,
+            id="resolve_ambiguous",
+            next_run_time=now,
+        )
+        scheduler.start()
+        self._scheduler = scheduler
+        log.info(
+            "poller started",
+            extra={
+                "owner": self.owner,
+                "tick": self.tick_period,
+                "batch": self.batch,
+                "concurrency": self.concurrency,
+                "lease": self.lease,
+                "ambiguous_policy": self.ambiguous_policy,
+            },
+        )
+
+    def _guarded(self, run: Callable[[], Awaitable[int]]) -> Callable[[], Awaitable[None]]:
+        """What APScheduler runs: tracked (so stop can wait for it) and never raising."""
+
+        async def guarded() -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self._runs.add(task)
+            try:
+                await run()
+            except Exception:
+                POLLER_ERRORS.labels(run.__name__).inc()
+                log.exception("periodic %s failed; it runs again next period", run.__name__)
+            finally:
+                self._runs.discard(task)
+
+        guarded.__name__ = guarded.__qualname__ = f"Poller.{run.__name__}"
+        return guarded
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop claiming, let in-flight polls (and a running tick or resolver) finish for up
+        to ``timeout`` seconds (``stop_timeout``), cancel what is left, then release this
+        owner's leases so the next poller may take the jobs at once."""
+        timeout = self.stop_timeout if timeout is None else timeout
+        self._stopping = True
+        scheduler, self._scheduler = self._scheduler, None
+        if scheduler is not None:
+            scheduler.pause()  # no new runs; shutdown would cancel the running ones
+        if self._polls:
+            log.info("poller stopping: waiting for %d poll(s) in flight", len(self._polls))
+        deadline = time.monotonic() + timeout
+        # A tick still running may start a few more polls before it sees the flag: loop.
+        while (pending := self._runs | self._polls) and (left := deadline - time.monotonic()) > 0:
+            await asyncio.wait(pending, timeout=left)
+        left_over = self._runs | self._polls
+        for task in left_over:
+            task.cancel()
+        if left_over:
+            await asyncio.wait(left_over)
+            log.warning("poller stop: cancelled %d unfinished task(s)", len(left_over))
+        if scheduler is not None:
+            scheduler.shutdown(wait=False)
+        try:
+            released = await asyncio.to_thread(self.manager.store.release_leases, self.owner)
+        except Exception:
+            POLLER_ERRORS.labels("stop").inc()
+            log.exception("releasing leases failed; they expire by themselves")
+            return
+        log.info("poller stopped", extra={"released_leases": released})
+
+
+__all__ = [
+    "AMBIGUOUS_GRACE",
+    "AMBIGUOUS_PERIOD",
+    "BATCH",
+    "CONCURRENCY",
+    "LEASE",
+    "STOP_TIMEOUT",
+    "TICK",
+    "AmbiguousPolicy",
+    "Poller",
+]

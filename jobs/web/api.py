@@ -1,0 +1,201 @@
+"""The ``/v1/jobs`` routes (design.md part 2): submit, status, result, cancel, list.
+
+Handlers only read the request, call one :class:`~jobs.manager.AsyncJobManager` method and
+shape the answer; errors raised by the manager become responses in :mod:`jobs.web.errors`.
+Input is checked here, field by field, so a bad request gets a message naming the field
+instead of a 500 from deep inside. Unknown fields are refused rather than ignored: a typo
+such as ``idempotency-key`` silently dropped would submit paid work twice.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ..errors import JobFailed
+from ..manager import AsyncJobManager
+from ..states import FailureReason, State
+from ..store import Job
+from .errors import InvalidRequest, error_response
+
+# Fields of POST /v1/jobs and whether each is required; openapi.py documents the same set.
+SUBMIT_FIELDS = {
+    "application": True,
+    "arguments": True,
+    "path": False,
+    "priority": False,
+    "hint": False,
+    "labels": False,
+    "batch": False,
+    "idempotency_key": False,
+}
+MAX_TEXT = 1000  # longest accepted value of a short text field (application, batch, …)
+DEFAULT_PAGE = 50
+MAX_PAGE = 500
+MAX_CURSOR = 64
+# How long a cancel request waits for the provider's answer to show up before replying 202.
+CANCEL_WAIT = 0.0
+# A submit that ended failed at once: the provider said no, or could not be reached.
+_FAILED_SUBMIT = {
+    FailureReason.SUBMIT_REJECTED.value: (422, "provider_rejected"),
+    FailureReason.SUBMIT_UNREACHABLE.value: (502, "provider_unavailable"),
+}
+
+
+def _text(body: Mapping[str, Any], name: str, *, required: bool = False) -> str | None:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise InvalidRequest(f"'{name}' is required", field=name)
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidRequest(f"'{name}' must be a non-empty string", field=name)
+    if len(value) > MAX_TEXT:
+        raise InvalidRequest(f"'{name}' is longer than {MAX_TEXT} characters", field=name)
+    return value
+
+
+def parse_submit(raw: bytes) -> dict[str, Any]:
+    """The keyword arguments of ``AsyncJobManager.submit`` from a POST /v1/jobs body."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise InvalidRequest("the body is not valid JSON", status=400) from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the body must be a JSON object", status=400)
+    unknown = sorted(set(body) - set(SUBMIT_FIELDS))
+    if unknown:
+        raise InvalidRequest(
+            f"unknown field(s) {', '.join(unknown)}; accepted: {', '.join(SUBMIT_FIELDS)}",
+            field=unknown[0],
+        )
+    arguments = body.get("arguments")
+    if not isinstance(arguments, dict):
+        raise InvalidRequest(
+            "'arguments' is required and must be a JSON object (the model's input)",
+            field="arguments",
+        )
+    labels = body.get("labels")
+    if labels is not None and not (
+        isinstance(labels, dict) and all(isinstance(v, str) for v in labels.values())
+    ):
+        raise InvalidRequest("'labels' must be an object of string values", field="labels")
+    return {
+        "application": _text(body, "application", required=True),
+        "arguments": arguments,
+        "path": _text(body, "path"),
+        "priority": _text(body, "priority"),
+        "hint": _text(body, "hint"),
+        "labels": labels,
+        "batch": _text(body, "batch"),
+        "idempotency_key": _text(body, "idempotency_key"),
+    }
+
+
+def _limit(raw: str | None) -> int:
+    if raw is None:
+        return DEFAULT_PAGE
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+        raise InvalidRequest(f"'limit' must be an integer from 1 to {MAX_PAGE}", field="limit")
+    return int(raw)
+
+
+def _state(raw: str | None) -> State | None:
+    if raw is None:
+        return None
+    try:
+        return State(raw)
+    except ValueError:
+        names = ", ".join(s.value for s in State)
+        raise InvalidRequest(f"'state' must be one of {names}", field="state") from None
+
+
+def _cursor(raw: str | None) -> str | None:
+    if raw is not None and (not raw or len(raw) > MAX_CURSOR):
+        raise InvalidRequest("'cursor' is not a cursor this server returned", field="cursor")
+    return raw
+
+
+class JobsApi:
+    """The routes, bound to one manager. ``public_url`` (JOBS_PUBLIC_URL) makes the URLs
+    handed back absolute for clients behind a proxy; without it the request's base URL is
+    used."""
+
+    def __init__(self, manager: AsyncJobManager, *, public_url: str | None) -> None:
+        self.manager = manager
+        self.public_url = public_url
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/jobs", self.submit, methods=["POST"]),
+            Route("/v1/jobs", self.list_jobs, methods=["GET"]),
+            Route("/v1/jobs/{id}", self.status, methods=["GET"]),
+            Route("/v1/jobs/{id}/result", self.result, methods=["GET"]),
+            Route("/v1/jobs/{id}/cancel", self.cancel, methods=["POST"]),
+        ]
+
+    def _url(self, request: Request, path: str) -> str:
+        base = self.public_url or str(request.base_url).rstrip("/")
+        return base + path
+
+    async def submit(self, request: Request) -> Response:
+        options = parse_submit(await request.body())
+        job = await self.manager.submit(options.pop("application"), **options)
+        failed = _FAILED_SUBMIT.get(job.failure_reason or "")
+        if job.state is State.FAILED and failed is not None:
+            status, kind = failed
+            error = job.error or {}
+            return error_response(
+                status,
+                kind,
+                str(error.get("message") or "the provider did not accept the job"),
+                detail=error.get("detail"),
+                job={"id": job.id, "state": job.state.value, "failure_reason": job.failure_reason},
+            )
+        status_url = self._url(request, f"/v1/jobs/{job.id}")
+        body = {
+            "id": job.id,
+            "request_id": job.request_id,
+            "state": job.state.value,
+            "status_url": status_url,
+            "result_url": status_url + "/result",
+        }
+        return JSONResponse(body, status_code=202, headers={"Location": status_url})
+
+    async def status(self, request: Request) -> Response:
+        job = await self.manager.status(request.path_params["id"])
+        return JSONResponse(job.to_dict())
+
+    async def result(self, request: Request) -> Response:
+        try:
+            data = await self.manager.result(request.path_params["id"])
+        except JobFailed as exc:
+            if exc.state not in (State.FAILED, State.CANCELLED):
+                raise
+            return JSONResponse({"id": exc.job_id, "state": exc.state, "error": exc.error})
+        return JSONResponse(data)
+
+    async def cancel(self, request: Request) -> Response:
+        job = await self.manager.cancel(request.path_params["id"], wait=CANCEL_WAIT)
+        return JSONResponse(job.to_dict(), status_code=202)
+
+    async def list_jobs(self, request: Request) -> Response:
+        query = request.query_params
+        limit = _limit(query.get("limit"))
+        jobs = await self.manager.list_jobs(
+            state=_state(query.get("state")),
+            application=query.get("application") or None,
+            batch=query.get("batch") or None,
+            limit=limit + 1,
+            before=_cursor(query.get("cursor")),
+        )
+        page: list[Job] = jobs[:limit]
+        more = len(jobs) > limit
+        return JSONResponse(
+            {"jobs": [job.to_dict() for job in page], "next_cursor": page[-1].id if more else None}
+        )

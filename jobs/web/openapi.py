@@ -1,0 +1,391 @@
+"""``GET /openapi.json``: an OpenAPI 3.1 description of every route, written by hand.
+
+Hand-written because the handlers are plain Starlette functions with hand-written input
+checks; a test keeps it true (every route of the app is documented, every documented route
+exists, the request examples validate against their schemas and are accepted by the app,
+and the ``Job`` schema lists exactly the fields ``Job.to_dict`` returns).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ..providers.fal import PRIORITIES
+from ..states import FailureReason, State
+
+OPENAPI_VERSION = "3.1.0"
+
+
+def _nullable(kind: str, **extra: Any) -> dict[str, Any]:
+    return {"type": [kind, "null"], **extra}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json(_ref("Error"), description)
+
+
+STATES = [s.value for s in State]
+TIMESTAMP = _nullable("string", format="date-time")
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["type", "message"],
+                "properties": {
+                    "type": {"type": "string", "description": "machine-readable kind"},
+                    "message": {"type": "string", "description": "what went wrong, for people"},
+                    "field": {"type": "string", "description": "the request field at fault"},
+                    "detail": {"description": "the provider's own error detail"},
+                    "status_code": _nullable("integer"),
+                    "job": {"type": "object", "description": "the job a failed submit created"},
+                },
+            }
+        },
+    },
+    "SubmitRequest": {
+        "type": "object",
+        "required": ["application", "arguments"],
+        "additionalProperties": False,
+        "properties": {
+            "application": {"type": "string", "description": "fal endpoint id"},
+            "arguments": {"type": "object", "description": "the model's input"},
+            "path": _nullable("string", description="sub-path of the endpoint"),
+            "priority": {"enum": [*PRIORITIES, None]},
+            "hint": _nullable("string", description="X-Fal-Runner-Hint"),
+            "labels": {
+                "type": ["object", "null"],
+                "additionalProperties": {"type": "string"},
+            },
+            "batch": _nullable("string"),
+            "idempotency_key": _nullable(
+                "string", description="a second submit with the same key returns the first job"
+            ),
+        },
+    },
+    "SubmitAccepted": {
+        "type": "object",
+        "required": ["id", "request_id", "state", "status_url", "result_url"],
+        "properties": {
+            "id": {"type": "string"},
+            "request_id": _nullable("string", description="null while the submit is ambiguous"),
+            "state": {"enum": STATES},
+            "status_url": {"type": "string", "format": "uri"},
+            "result_url": {"type": "string", "format": "uri"},
+        },
+    },
+    "Job": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "provider": {"type": "string"},
+            "application": {"type": "string"},
+            "path": _nullable("string"),
+            "request_id": _nullable("string"),
+            "state": {"enum": STATES},
+            "failure_reason": {"enum": [*(r.value for r in FailureReason), None]},
+            "error": _nullable("object"),
+            "queue_position": _nullable("integer"),
+            "priority": _nullable("string"),
+            "hint": _nullable("string"),
+            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+            "batch": _nullable("string"),
+            "batch_index": _nullable("integer"),
+            "idempotency_key": _nullable("string"),
+            "webhook": {"type": "boolean"},
+            "status_url": _nullable("string", description="the provider's status URL"),
+            "response_url": _nullable("string", description="the provider's result URL"),
+            "cancel_url": _nullable("string", description="the provider's cancel URL"),
+            "metrics": _nullable("object"),
+            "polls": {"type": "integer"},
+            "created_at": TIMESTAMP,
+            "submitted_at": TIMESTAMP,
+            "started_at": TIMESTAMP,
+            "finished_at": TIMESTAMP,
+            "updated_at": TIMESTAMP,
+        },
+    },
+    "JobPage": {
+        "type": "object",
+        "required": ["jobs", "next_cursor"],
+        "properties": {
+            "jobs": {"type": "array", "items": _ref("Job")},
+            "next_cursor": _nullable("string", description="pass as ?cursor= for the next page"),
+        },
+    },
+    "FailedResult": {
+        "type": "object",
+        "required": ["id", "state", "error"],
+        "properties": {
+            "id": {"type": "string"},
+            "state": {"enum": ["failed", "cancelled"]},
+            "error": _nullable("object"),
+        },
+    },
+    "FalWebhook": {
+        "type": "object",
+        "required": ["request_id", "status"],
+        "properties": {
+            "request_id": {"type": "string"},
+            "gateway_request_id": {"type": "string"},
+            "status": {"enum": ["OK", "ERROR"]},
+            "payload": {"description": "the result, or the app's error body"},
+            "error": _nullable("string"),
+            "payload_error": {"type": "string"},
+        },
+    },
+    "WebhookAck": {
+        "type": "object",
+        "required": ["ok", "outcome"],
+        "properties": {
+            "ok": {"const": True},
+            "outcome": {"enum": ["applied", "duplicate", "unknown", "needs_poll"]},
+            "id": {"type": "string"},
+            "state": {"enum": STATES},
+        },
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status", "database"],
+        "properties": {
+            "status": {"enum": ["ok", "unavailable"]},
+            "database": {"enum": ["up", "down"]},
+        },
+    },
+}
+
+JOB_ID = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "description": "our job id or the provider's request id",
+    "schema": {"type": "string"},
+}
+BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
+UNAUTHORIZED = _error("API token missing or wrong (only when JOBS_API_TOKEN is set)")
+NOT_FOUND = _error("no job with that id or request id")
+
+SUBMIT_EXAMPLES = {
+    "minimal": {"value": {"application": "fal-ai/flux/dev", "arguments": {"prompt": "a cat"}}},
+    "everything": {
+        "value": {
+            "application": "fal-ai/flux/dev",
+            "arguments": {"prompt": "a lighthouse at dusk", "seed": 7},
+            "priority": "low",
+            "hint": "gpu-a",
+            "labels": {"team": "research"},
+            "batch": "lighthouses",
+            "idempotency_key": "lighthouse-7",
+        }
+    },
+}
+
+PATHS: dict[str, Any] = {
+    "/v1/jobs": {
+        "post": {
+            "summary": "Record and submit a job",
+            "security": BEARER,
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": _ref("SubmitRequest"),
+                        "examples": SUBMIT_EXAMPLES,
+                    }
+                },
+            },
+            "responses": {
+                "202": _json(_ref("SubmitAccepted"), "recorded and sent (or being resolved)"),
+                "400": _error("the body is not a JSON object"),
+                "401": UNAUTHORIZED,
+                "422": _error("a field is invalid, or the provider rejected the job"),
+                "502": _error("the provider could not be reached; nothing was queued"),
+            },
+        },
+        "get": {
+            "summary": "List jobs, newest first",
+            "security": BEARER,
+            "parameters": [
+                {"name": "state", "in": "query", "schema": {"enum": STATES}},
+                {"name": "application", "in": "query", "schema": {"type": "string"}},
+                {"name": "batch", "in": "query", "schema": {"type": "string"}},
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50},
+                },
+                {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+            ],
+            "responses": {
+                "200": _json(_ref("JobPage"), "a page of jobs"),
+                "401": UNAUTHORIZED,
+                "422": _error("a query parameter is invalid"),
+            },
+        },
+    },
+    "/v1/jobs/{id}": {
+        "get": {
+            "summary": "A job's status",
+            "security": BEARER,
+            "parameters": [JOB_ID],
+            "responses": {
+                "200": _json(_ref("Job"), "the job"),
+                "401": UNAUTHORIZED,
+                "404": NOT_FOUND,
+            },
+        }
+    },
+    "/v1/jobs/{id}/result": {
+        "get": {
+            "summary": "A finished job's result",
+            "security": BEARER,
+            "parameters": [JOB_ID],
+            "responses": {
+                "200": {
+                    "description": "the result as the model returned it; for a failed or "
+                    "cancelled job, its state and error",
+                    "content": {
+                        "application/json": {
+                            "schema": {"anyOf": [{"description": "any JSON"}, _ref("FailedResult")]}
+                        }
+                    },
+                },
+                "401": UNAUTHORIZED,
+                "404": NOT_FOUND,
+                "409": _error("not finished yet"),
+                "410": _error("succeeded, but the cached result was removed"),
+            },
+        }
+    },
+    "/v1/jobs/{id}/cancel": {
+        "post": {
+            "summary": "Ask the provider to cancel a job",
+            "security": BEARER,
+            "parameters": [JOB_ID],
+            "responses": {
+                "202": _json(_ref("Job"), "asked; the state turns cancelled once confirmed"),
+                "401": UNAUTHORIZED,
+                "404": NOT_FOUND,
+                "409": _error("already finished"),
+                "502": _error("the provider could not be reached"),
+            },
+        }
+    },
+    "/v1/webhooks/fal": {
+        "post": {
+            "summary": "fal completion callback (ED25519-signed)",
+            "parameters": [
+                {
+                    "name": "job",
+                    "in": "query",
+                    "description": "our job id, in the URL we gave fal",
+                    "schema": {"type": "string"},
+                },
+                *(
+                    {"name": name, "in": "header", "required": True, "schema": {"type": "string"}}
+                    for name in (
+                        "X-Fal-Webhook-Request-Id",
+                        "X-Fal-Webhook-User-Id",
+                        "X-Fal-Webhook-Timestamp",
+                        "X-Fal-Webhook-Signature",
+                    )
+                ),
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref("FalWebhook")}},
+            },
+            "responses": {
+                "200": _json(_ref("WebhookAck"), "accepted (also duplicates and unknown requests)"),
+                "400": _error("authentic but malformed"),
+                "401": _error("missing signature headers, stale timestamp or bad signature"),
+                "413": _error("body over the size limit"),
+                "503": _error("signing keys unavailable; fal retries later"),
+            },
+        }
+    },
+    "/healthz": {
+        "get": {
+            "summary": "Database health",
+            "responses": {
+                "200": _json(_ref("Health"), "the database answers"),
+                "503": _json(_ref("Health"), "the database does not answer"),
+            },
+        }
+    },
+    "/metrics": {
+        "get": {
+            "summary": "Prometheus metrics",
+            "responses": {
+                "200": {
+                    "description": "Prometheus text format",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            },
+        }
+    },
+    "/": {
+        "get": {
+            "summary": "Dashboard",
+            "security": BEARER,
+            "responses": {
+                "200": {
+                    "description": "an HTML page",
+                    "content": {"text/html": {"schema": {"type": "string"}}},
+                },
+                "401": UNAUTHORIZED,
+            },
+        }
+    },
+    "/openapi.json": {
+        "get": {
+            "summary": "This document",
+            "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1")},
+        }
+    },
+}
+
+
+def document(public_url: str | None = None) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "openapi": OPENAPI_VERSION,
+        "info": {
+            "title": "jobs",
+            "version": "1",
+            "description": "A persistent job manager for remote queue APIs (fal.ai).",
+        },
+        "paths": PATHS,
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+    if public_url:
+        doc["servers"] = [{"url": public_url}]
+    return doc
+
+
+class OpenApi:
+    def __init__(self, public_url: str | None) -> None:
+        self.document = document(public_url)
+
+    def routes(self) -> list[Route]:
+        return [Route("/openapi.json", self.serve, methods=["GET"])]
+
+    async def serve(self, request: Request) -> Response:
+        return JSONResponse(self.document)

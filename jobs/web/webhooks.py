@@ -1,0 +1,105 @@
+"""``POST /v1/webhooks/fal``: verify a fal callback, apply it, answer.
+
+The endpoint only verifies, applies and answers (style.md, example 9): the raw body goes
+unchanged to :meth:`AsyncJobManager.handle_fal_webhook`, which checks the signature and
+applies the outcome through the same compare-and-set path as a poll. Body limits, request
+ids and redaction are middleware.
+
+Answers (fal retries non-2xx deliveries for about two hours, so only what a retry could fix
+is answered with a retryable code):
+
+=====  =====================================================================
+200    applied; also a duplicate, a delivery for a request we do not know, and
+       a finished request whose payload fal could not include (polled soon)
+400    authentic but unreadable: not JSON, no ``request_id``, unknown status
+401    not authentic: a signature header missing, a stale or future timestamp
+       (more than 300 s off), a signature that matches no key
+413    body over the limit (:class:`jobs.web.middleware.BodySizeLimit`)
+503    no signing key known and fal's JWKS unreachable: fail closed, retry later
+=====  =====================================================================
+
+A signature that matches no cached key triggers one (rate-limited) JWKS refetch and a
+second verification, so a key rotation costs at most one rejected delivery per key.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ..manager import AsyncJobManager
+from ..metrics import WEBHOOKS
+from ..providers.jwks import JwksCache, JwksUnavailable
+from ..providers.signatures import SignatureError
+from ..store import Applied
+from .errors import error_response
+
+log = logging.getLogger(__name__)
+
+FAL_PATH = "/v1/webhooks/fal"
+RETRY_AFTER_SECONDS = 60
+
+
+def _outcome(applied: Applied | None) -> str:
+    if applied is None:
+        return "unknown"
+    if not applied.job.terminal:
+        # Finished remotely but sent without its payload: the job was made due for a poll.
+        return "needs_poll"
+    return "applied" if applied.changed else "duplicate"
+
+
+class FalWebhooks:
+    def __init__(self, manager: AsyncJobManager, jwks: JwksCache) -> None:
+        self.manager = manager
+        self.jwks = jwks
+
+    def routes(self) -> list[Route]:
+        return [Route(FAL_PATH, self.receive, methods=["POST"])]
+
+    async def _handle(
+        self, headers: Mapping[str, str], body: bytes, job_id: str | None
+    ) -> Applied | None:
+        keys: list[Ed25519PublicKey] = await self.jwks.keys()
+        try:
+            return await self.manager.handle_fal_webhook(headers, body, keys, job_id=job_id)
+        except SignatureError:
+            if not await self.jwks.refresh_after_miss(keys):
+                raise
+        keys = await self.jwks.keys()
+        return await self.manager.handle_fal_webhook(headers, body, keys, job_id=job_id)
+
+    async def receive(self, request: Request) -> Response:
+        body = await request.body()
+        job_id = request.query_params.get("job") or None
+        try:
+            applied = await self._handle(request.headers, body, job_id)
+        except JwksUnavailable as exc:
+            WEBHOOKS.labels("fal", "unavailable").inc()
+            log.warning("fal webhook refused, no signing keys: %s", exc)
+            return error_response(
+                503,
+                "keys_unavailable",
+                "cannot verify webhooks now: fal's signing keys could not be fetched",
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
+        except SignatureError as exc:
+            WEBHOOKS.labels("fal", "rejected").inc()
+            log.info("fal webhook rejected: %s", exc)
+            return error_response(401, "invalid_signature", str(exc))
+        except ValueError as exc:
+            WEBHOOKS.labels("fal", "malformed").inc()
+            log.info("fal webhook malformed: %s", exc)
+            return error_response(400, "malformed", str(exc))
+        outcome = _outcome(applied)
+        WEBHOOKS.labels("fal", outcome).inc()
+        reply: dict[str, object] = {"ok": True, "outcome": outcome}
+        if applied is not None:
+            reply["id"] = applied.job.id
+            reply["state"] = applied.job.state.value
+        return JSONResponse(reply)
