@@ -1,9 +1,12 @@
 """jobs: a persistent job manager for remote queue APIs (fal.ai, Replicate).
 
-from jobs import JobManager
-jm = JobManager()
-job = jm.submit("fal-ai/flux/dev", {"prompt": "a cat"})
-print(jm.result(job.id, wait=True))
+Example::
+
+    from jobs import JobManager
+
+    jm = JobManager()
+    job = jm.submit("fal-ai/flux/dev", {"prompt": "a cat"})
+    print(jm.result(job.id, wait=True))
 """
 
 from .config import Settings
