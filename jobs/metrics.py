@@ -31,7 +31,8 @@ RESULTS = Counter(
 )
 WEBHOOKS = Counter(
     "jobs_webhooks",
-    "Webhook deliveries by outcome (applied, duplicate, unknown, rejected, malformed, too_large).",
+    "Webhook deliveries by outcome (applied, duplicate, unknown, needs_poll, rejected, "
+    "malformed, too_large, unavailable).",
     ["provider", "outcome"],
     registry=REGISTRY,
 )
