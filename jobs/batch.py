@@ -52,7 +52,7 @@ from rich.text import Text
 from .manager import AsyncJobManager
 from .results import SavedFile
 from .states import ACTIVE, State
-from .store import Job
+from .store import Job, NewJob
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ WAIT_CONCURRENCY = 32  # polls in flight while ``jobs wait`` drives the batch it
 WAIT_LEASE = 60.0  # seconds ``jobs wait`` holds a claimed job
 WAIT_PERIOD = 0.25  # seconds between looks at the store while waiting
 EXPORT_CHUNK = 200  # jobs read, downloaded and written per step of an export
+RECORD_CHUNK = 64  # lines recorded per transaction while submitting (at least --concurrency)
 MAX_KEY = 255  # the idempotency_key column's width
 
 Outcome = Literal["submitted", "existing", "failed", "ambiguous", "invalid"]
@@ -162,7 +163,10 @@ class BatchReport:
 
     def summary(self) -> str:
         parts = [f"{n} {outcome}" for outcome, n in sorted(self.counts.items())]
-        text = f"batch {self.batch!r}: {self.lines} lines: {', '.join(parts) or 'nothing'}"
+        text = (
+            f"batch {self.batch!r}: {self.lines} lines in {self.seconds:.1f} s: "
+            f"{', '.join(parts) or 'nothing'}"
+        )
         if self.failed_lines:
             shown = ", ".join(str(n) for n in sorted(self.failed_lines)[:20])
             more = "…" if len(self.failed_lines) > 20 else ""
@@ -181,13 +185,19 @@ async def submit_batch(
     **options: Any,
 ) -> BatchReport:
     """Submit every good line as a job of ``batch`` (``batch_index`` = line number), at most
-    ``concurrency`` at a time. ``options`` go to ``manager.submit`` (path, priority, hint,
+    ``concurrency`` at a time. ``options`` go to ``manager.new_job`` (path, priority, hint,
     labels, webhook, download). ``on_result`` hears about each line as it is done.
 
-    A ``ConfigError`` (no FAL_KEY, a bad application id) stops the batch: it would fail
-    every line the same way."""
+    Lines are recorded a chunk at a time in one transaction each (``manager.record_many``)
+    just ahead of the senders; then each new job is sent on its own, exactly as
+    ``manager.submit`` would. A run that stops leaves at most a chunk recorded but unsent:
+    the next run (or ``jobs serve``) sends those. A ``ConfigError`` (no FAL_KEY, a bad
+    application id) stops the batch: it would fail every line the same way."""
     report = BatchReport(batch=batch, lines=len(lines))
     started = time.time()
+    workers = max(1, concurrency)
+    chunk = max(RECORD_CHUNK, workers)
+    to_send: asyncio.Queue[tuple[int, Job] | None] = asyncio.Queue(maxsize=workers)
 
     def done(result: LineResult) -> None:
         report.add(result)
@@ -196,30 +206,50 @@ async def submit_batch(
     for line in lines:
         if line.error is not None:
             done(LineResult(line.number, "invalid", error=f"line {line.number}: {line.error}"))
-    pending: Iterator[Line] = (line for line in lines if line.arguments is not None)
+    good = [line for line in lines if line.arguments is not None]
 
-    async def worker() -> None:
-        for line in pending:
-            assert line.arguments is not None
-            job = await manager.submit(
-                application,
-                line.arguments,
-                batch=batch,
-                batch_index=line.number,
-                idempotency_key=idempotency_key(batch, line.number, line.arguments),
-                **options,
-            )
-            done(_line_result(line.number, job, started))
+    async def record() -> None:
+        for start in range(0, len(good), chunk):
+            part = good[start : start + chunk]
+            news = [_new_job(manager, application, batch, line, options) for line in part]
+            for line, (job, send) in zip(part, await manager.record_many(news), strict=True):
+                if send:
+                    await to_send.put((line.number, job))
+                else:
+                    done(_line_result(line.number, job, started))
+        for _ in range(workers):
+            await to_send.put(None)
 
-    workers = [asyncio.create_task(worker()) for _ in range(max(1, concurrency))]
+    async def send() -> None:
+        while (item := await to_send.get()) is not None:
+            number, job = item
+            done(_line_result(number, await manager.send(job), started))
+
+    tasks = [asyncio.create_task(record())]
+    tasks += [asyncio.create_task(send()) for _ in range(workers)]
     try:
-        await asyncio.gather(*workers)
+        await asyncio.gather(*tasks)  # the first error (say a ConfigError) ends them all
     finally:
-        for task in workers:
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
     report.seconds = time.time() - started
     return report
+
+
+def _new_job(
+    manager: AsyncJobManager, application: str, batch: str, line: Line, options: dict[str, Any]
+) -> NewJob:
+    assert line.arguments is not None
+    key = idempotency_key(batch, line.number, line.arguments)
+    return manager.new_job(
+        application,
+        line.arguments,
+        batch=batch,
+        batch_index=line.number,
+        idempotency_key=key,
+        **options,
+    )
 
 
 def _line_result(number: int, job: Job, started: float) -> LineResult:
@@ -446,7 +476,7 @@ class Bar:
         self._progress.update(self._task, completed=completed, total=total, detail=detail)
 
     def note(self, message: str) -> None:
-        self._progress.console.print(message, markup=False, highlight=False)
+        self._progress.console.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
 @contextmanager

@@ -16,7 +16,15 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -162,13 +170,47 @@ class AsyncJobManager:
     ) -> Job:
         """Record the job, then send it. With an ``idempotency_key`` already used, return that
         job and send nothing (unless it provably never reached the queue: then send it now)."""
+        new = self.new_job(
+            application,
+            arguments,
+            path=path,
+            priority=priority,
+            hint=hint,
+            labels=labels,
+            batch=batch,
+            batch_index=batch_index,
+            idempotency_key=idempotency_key,
+            webhook=webhook,
+            download=download,
+        )
+        job, created = await self._db(self.store.create_job, new)
+        if not _needs_send(job, created):
+            return job
+        return await self.send(job)
+
+    def new_job(
+        self,
+        application: str,
+        arguments: Mapping[str, Any],
+        *,
+        path: str | None = None,
+        priority: str | None = None,
+        hint: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        batch: str | None = None,
+        batch_index: int | None = None,
+        idempotency_key: str | None = None,
+        webhook: bool = True,
+        download: bool | None = None,
+    ) -> NewJob:
+        """The row :meth:`submit` records, once the provider has checked the request
+        (``ConfigError`` for one that cannot be sent: no credentials, a bad application id)."""
         provider = self.provider("fal")
-        webhook = webhook and self.settings.public_url is not None
         request = SubmitRequest(
             application=application, arguments=arguments, path=path, priority=priority, hint=hint
         )
         provider.check(request)
-        new = NewJob(
+        return NewJob(
             application=application,
             arguments=dict(arguments),
             provider=provider.name,
@@ -179,13 +221,16 @@ class AsyncJobManager:
             batch=batch,
             batch_index=batch_index,
             idempotency_key=idempotency_key,
-            webhook=webhook,
+            webhook=webhook and self.settings.public_url is not None,
             download_files=self.settings.cache_files if download is None else download,
         )
-        job, created = await self._db(self.store.create_job, new)
-        if not created and not (job.state is State.SUBMITTING and job.attempts == 0):
-            return job
-        return await self.send(job)
+
+    async def record_many(self, jobs: Sequence[NewJob]) -> list[tuple[Job, bool]]:
+        """Record many jobs in one transaction (what makes a large batch fast), each returned
+        with whether to :meth:`send` it now: it is new, or was recorded before but provably
+        never sent. The others were sent before and must not be sent again."""
+        recorded = await self._db(self.store.create_jobs, jobs)
+        return [(job, _needs_send(job, created)) for job, created in recorded]
 
     async def send(self, job: Job, *, reason: str = "submit") -> Job:
         """Send a ``submitting`` job to its provider and record the outcome.
@@ -541,6 +586,11 @@ class AsyncJobManager:
         if not accepted or job.state is not State.CANCELLED:
             raise CancelTooLate(job.id, job.state.value)
         return job
+
+
+def _needs_send(job: Job, created: bool) -> bool:
+    """New, or recorded earlier but provably never sent (no attempt was counted)."""
+    return created or (job.state is State.SUBMITTING and job.attempts == 0)
 
 
 def _status_of(job: Job, logs: list[dict[str, Any]] | None) -> Status | None:

@@ -144,15 +144,14 @@ class FileCache:
         timeout: float = DEFAULT_CACHE_FILE_TIMEOUT,
         attempts: int = DEFAULT_ATTEMPTS,
         concurrency: int = DEFAULT_CONCURRENCY,
-        retry: RetryPolicy | None = None,
         client: httpx.AsyncClient | None = None,
     ) -> None:
+        """``client`` (tests pass a mock) is closed by :meth:`aclose`, like the one made here."""
         self.store = store
         self.root = Path(root)
         self.max_bytes = max_bytes
         self.timeout = timeout
-        self.attempts = attempts
-        self.retry = retry or RetryPolicy(attempts=attempts, base=0.5, cap=5.0)
+        self.retry = RetryPolicy(attempts=attempts, base=0.5, cap=5.0)
         self._client = client
         self._concurrency = concurrency
         self._slots = asyncio.Semaphore(concurrency)
@@ -160,6 +159,10 @@ class FileCache:
 
     def path_for(self, sha256: str) -> Path:
         return cache_path(self.root, sha256)
+
+    async def entries(self, job_id: str) -> list[JobFile]:
+        """The job's file rows as recorded (no download)."""
+        return await asyncio.to_thread(self.store.files, job_id)
 
     def cached(self, file: JobFile) -> Path | None:
         """Where a downloaded file is, or None (not downloaded, or removed from disk)."""
@@ -246,7 +249,7 @@ class FileCache:
                     try:
                         return await self._attempt(url)
                     except _Transient as exc:
-                        if attempt >= self.attempts:
+                        if attempt >= self.retry.attempts:
                             raise DownloadError(
                                 f"{exc} (gave up after {attempt} attempts)"
                             ) from None

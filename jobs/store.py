@@ -318,29 +318,7 @@ class Store:
                 ).first()
                 if existing is not None:
                     return Job.from_row(existing), False
-            conn.execute(
-                insert(jobs).values(
-                    id=job_id,
-                    provider=new.provider,
-                    application=new.application,
-                    path=new.path,
-                    arguments=new.arguments,
-                    state=State.SUBMITTING.value,
-                    priority=new.priority,
-                    hint=new.hint,
-                    labels=dict(new.labels) or None,
-                    batch=new.batch,
-                    batch_index=new.batch_index,
-                    idempotency_key=new.idempotency_key,
-                    webhook=new.webhook,
-                    download_files=new.download_files,
-                    attempts=0,
-                    polls=0,
-                    created_at=now,
-                    updated_at=now,
-                    last_change_at=now,
-                )
-            )
+            conn.execute(insert(jobs).values(**_new_job_values(new, job_id, now)))
             _event(conn, job_id, now, "created", to_state=State.SUBMITTING)
             return _get(conn, job_id), True
 
@@ -351,6 +329,48 @@ class Store:
             if new.idempotency_key is None:
                 raise
             return self._tx(tx)
+
+    def create_jobs(
+        self, news: Sequence[NewJob], *, now: float | None = None
+    ) -> list[tuple[Job, bool]]:
+        """:meth:`create_job` for many jobs in one transaction (group commit: a batch of
+        thousands pays for one commit, not thousands), answers in the order asked. A key used
+        twice in ``news`` creates one job."""
+        now = time.time() if now is None else now
+
+        def tx(conn: Connection) -> list[tuple[Job, bool]]:
+            keys = [n.idempotency_key for n in news if n.idempotency_key is not None]
+            key_ids: dict[str, str] = {}
+            for chunk in _chunks(keys):
+                query = select(jobs.c.idempotency_key, jobs.c.id)
+                key_ids.update(conn.execute(query.where(jobs.c.idempotency_key.in_(chunk))).all())
+            plan: list[tuple[str, bool]] = []  # (job id, created) per entry of ``news``
+            fresh: list[dict[str, Any]] = []
+            for new in news:
+                key = new.idempotency_key
+                if key is not None and key in key_ids:
+                    plan.append((key_ids[key], False))
+                    continue
+                job_id = new_job_id()
+                fresh.append(_new_job_values(new, job_id, now))
+                plan.append((job_id, True))
+                if key is not None:
+                    key_ids[key] = job_id
+            if fresh:
+                conn.execute(insert(jobs), fresh)
+                created = {"at": now, "kind": "created", "to_state": State.SUBMITTING.value}
+                conn.execute(insert(job_events), [{"job_id": v["id"], **created} for v in fresh])
+            found: dict[str, Job] = {}
+            for chunk in _chunks(list(dict.fromkeys(job_id for job_id, _ in plan))):
+                rows = conn.execute(select(jobs).where(jobs.c.id.in_(chunk)))
+                found.update({r.id: Job.from_row(r) for r in rows})
+            return [(found[job_id], made) for job_id, made in plan]
+
+        try:
+            return self._tx(tx)
+        except IntegrityError:
+            # Another process inserted one of the keys meanwhile: go one by one.
+            return [self.create_job(new, now=now) for new in news]
 
     def begin_submit(
         self, job_id: str, seen_attempts: int, *, reason: str = "submit", now: float | None = None
@@ -1047,6 +1067,31 @@ def _adopt(conn: Connection, job_id: str, request_id: str, now: float) -> Job | 
         detail={"request_id": request_id},
     )
     return _get(conn, job_id)
+
+
+def _new_job_values(new: NewJob, job_id: str, now: float) -> dict[str, Any]:
+    """The ``jobs`` row of a job just recorded, in ``submitting``."""
+    return {
+        "id": job_id,
+        "provider": new.provider,
+        "application": new.application,
+        "path": new.path,
+        "arguments": new.arguments,
+        "state": State.SUBMITTING.value,
+        "priority": new.priority,
+        "hint": new.hint,
+        "labels": dict(new.labels) or None,
+        "batch": new.batch,
+        "batch_index": new.batch_index,
+        "idempotency_key": new.idempotency_key,
+        "webhook": new.webhook,
+        "download_files": new.download_files,
+        "attempts": 0,
+        "polls": 0,
+        "created_at": now,
+        "updated_at": now,
+        "last_change_at": now,
+    }
 
 
 def _chunks(items: Sequence[str], size: int = 500) -> Iterator[Sequence[str]]:

@@ -64,7 +64,7 @@ def parse_submit(raw: bytes) -> dict[str, Any]:
     """The keyword arguments of ``AsyncJobManager.submit`` from a POST /v1/jobs body."""
     try:
         body = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         raise InvalidRequest("the body is not valid JSON", status=400) from None
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object", status=400)

@@ -22,6 +22,7 @@ from ..providers.jwks import JwksCache
 from .api import JobsApi
 from .dashboard import Dashboard
 from .errors import exception_handlers
+from .files import JobFiles
 from .middleware import BearerAuth, BodySizeLimit, RedactSecrets, RequestId
 from .openapi import OpenApi
 from .ops import Ops
@@ -90,6 +91,7 @@ def create_app(
         *JobsApi(manager, public_url=settings.public_url).routes(),
         *FalWebhooks(manager, jwks).routes(),
         *Ops(manager).routes(),
+        *JobFiles(manager).routes(),
         *Dashboard(manager).routes(),
         *OpenApi(settings.public_url).routes(),
     ]

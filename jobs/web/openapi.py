@@ -286,6 +286,32 @@ PATHS: dict[str, Any] = {
             },
         }
     },
+    "/v1/jobs/{id}/files/{n}": {
+        "get": {
+            "summary": "A file of a job's result, from the local cache (jobs/web/files.py)",
+            "security": BEARER,
+            "parameters": [
+                JOB_ID,
+                {
+                    "name": "n",
+                    "in": "path",
+                    "required": True,
+                    "description": "the file's place in the result (0, 1, …), as listed by "
+                    "`jobs result --files` and `jobs export`",
+                    "schema": {"type": "integer", "minimum": 0},
+                },
+            ],
+            "responses": {
+                "200": {
+                    "description": "the file's bytes, with its content type",
+                    "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
+                },
+                "401": UNAUTHORIZED,
+                "404": _error("unknown job or file, or the download failed (the error says)"),
+                "409": _error("the file is not downloaded yet"),
+            },
+        }
+    },
     "/v1/webhooks/fal": {
         "post": {
             "summary": "fal completion callback (ED25519-signed)",

@@ -92,7 +92,7 @@ class FalWebhooks:
             WEBHOOKS.labels("fal", "rejected").inc()
             log.info("fal webhook rejected: %s", exc)
             return error_response(401, "invalid_signature", str(exc))
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
             WEBHOOKS.labels("fal", "malformed").inc()
             log.info("fal webhook malformed: %s", exc)
             return error_response(400, "malformed", str(exc))
