@@ -48,8 +48,8 @@ from .providers.fal import FalProvider, parse_webhook
 from .providers.http import RateGate, make_client
 from .results import FileCache
 from .states import FailureReason, State
-from .store import Applied, Change, Job, NewJob, Store
-from .writer import ApplyWriter
+from .store import Applied, BeginSubmit, Change, Job, MarkSubmitted, NewJob, Store
+from .writer import GroupWriter
 
 T = TypeVar("T")
 
@@ -105,7 +105,7 @@ class AsyncJobManager:
         self._providers: dict[str, Provider] = dict(providers or {})
         self.poll_policy = poll_policy or PollPolicy()
         self.owner = owner or _owner_name()
-        self.writer = ApplyWriter(store)
+        self.writer = GroupWriter(store)
         self._files: FileCache | None = None
 
     # --- providers -----------------------------------------------------------------------
@@ -239,7 +239,7 @@ class AsyncJobManager:
         so two processes never send the same attempt, and a crash leaves an ambiguous job.
         """
         provider = self.provider(job.provider)
-        if not await self._db(self.store.begin_submit, job.id, job.attempts, reason=reason):
+        if not await self.writer.write(BeginSubmit(job.id, job.attempts, reason)):
             return await self._db(self.store.get, job.id)
         request = SubmitRequest(
             application=job.application,
@@ -256,25 +256,17 @@ class AsyncJobManager:
             error = _error_of(exc)
             applied = await self._db(self.store.fail, job.id, FailureReason.SUBMIT_REJECTED, error)
             return applied.job
-        except ProviderUnavailable as exc:
-            SUBMITS.labels(job.provider, "ambiguous" if exc.reached else "not_sent").inc()
-            if exc.reached:
-                await self._db(
-                    self.store.record_event,
-                    job.id,
-                    "submit_ambiguous",
-                    reason="no reply",
-                    detail=_error_of(exc),
-                )
-                return await self._db(self.store.get, job.id)
-            return await self._not_sent(job, exc)
         except ProviderError as exc:
+            if isinstance(exc, ProviderUnavailable) and not exc.reached:
+                SUBMITS.labels(job.provider, "not_sent").inc()
+                return await self._not_sent(job, exc)
+            # The request may have reached the queue: ambiguous, resolved later by policy.
             SUBMITS.labels(job.provider, "ambiguous").inc()
             await self._db(
                 self.store.record_event,
                 job.id,
                 "submit_ambiguous",
-                reason="unreadable reply",
+                reason=type(exc).__name__,
                 detail=_error_of(exc),
             )
             return await self._db(self.store.get, job.id)
@@ -291,13 +283,8 @@ class AsyncJobManager:
 
     async def _submitted(self, job: Job, submitted: Submitted) -> Job:
         step = next_poll(self.poll_policy, previous=None, changed=False, webhook=job.webhook)
-        return await self._db(
-            self.store.mark_submitted,
-            job.id,
-            submitted,
-            next_poll_at=time.time() + step.delay,
-            poll_interval=step.interval,
-        )
+        write = MarkSubmitted(job.id, submitted, time.time() + step.delay, step.interval)
+        return await self.writer.write(write)
 
     def _webhook_url(self, job: Job) -> str:
         return f"{self.settings.public_url}/v1/webhooks/{job.provider}?job={job.id}"
@@ -393,7 +380,7 @@ class AsyncJobManager:
     async def apply(self, job: Job, observation: Observation) -> Applied:
         """Apply an observation to a job through the store's compare-and-set (batched)."""
         change = Change(observation, job_id=job.id, schedule=self._schedule)
-        applied = await self.writer.apply(change)
+        applied = await self.writer.write(change)
         if applied is None:
             raise JobNotFound(job.id)
         return self._after_apply(applied)
@@ -437,7 +424,7 @@ class AsyncJobManager:
             adopt_job_id=delivery.job_id,
             schedule=self._schedule,
         )
-        applied = await self.writer.apply(change)
+        applied = await self.writer.write(change)
         return None if applied is None else self._after_apply(applied)
 
     # --- results and watching ------------------------------------------------------------

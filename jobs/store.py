@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Row, and_, delete, exists, func, insert, or_, select, update
 from sqlalchemy.engine import Connection, Engine
@@ -184,6 +184,87 @@ class Claimed:
     took_over: bool  # the lease belonged to another (presumably dead) owner
 
 
+T_co = TypeVar("T_co", covariant=True)
+
+
+class Write(Protocol[T_co]):
+    """One write that can share a transaction with others (:meth:`Store.write_many`)."""
+
+    def run(self, conn: Connection, now: float) -> T_co: ...
+
+
+@dataclass(frozen=True)
+class BeginSubmit:
+    """Count a submit attempt before the HTTP call: a compare-and-set on ``attempts``, so two
+    processes never send the same attempt and a crash leaves an ambiguous job. True when
+    this caller may send."""
+
+    job_id: str
+    seen_attempts: int
+    reason: str = "submit"
+
+    def run(self, conn: Connection, now: float) -> bool:
+        done = conn.execute(
+            update(jobs)
+            .where(
+                jobs.c.id == self.job_id,
+                jobs.c.state == State.SUBMITTING.value,
+                jobs.c.attempts == self.seen_attempts,
+                jobs.c.request_id.is_(None),
+            )
+            .values(attempts=self.seen_attempts + 1, updated_at=now)
+        )
+        if done.rowcount != 1:
+            return False
+        detail = {"attempt": self.seen_attempts + 1}
+        _event(conn, self.job_id, now, "submit_sent", reason=self.reason, detail=detail)
+        return True
+
+
+@dataclass(frozen=True)
+class MarkSubmitted:
+    """Record the request id and URLs: ``submitting -> queued`` (or keep a state a webhook
+    already advanced, while still storing the request id)."""
+
+    job_id: str
+    submitted: Submitted
+    next_poll_at: float
+    poll_interval: float | None = None
+
+    def run(self, conn: Connection, now: float) -> Job:
+        current = _get(conn, self.job_id)
+        ref = self.submitted.ref
+        values: dict[str, Any] = {
+            "request_id": ref.request_id,
+            "gateway_request_id": self.submitted.gateway_request_id,
+            "status_url": ref.status_url,
+            "response_url": ref.response_url,
+            "cancel_url": ref.cancel_url,
+            "submitted_at": current.submitted_at or now,
+            "updated_at": now,
+        }
+        if current.state is State.SUBMITTING:
+            values.update(
+                state=State.QUEUED.value,
+                queue_position=self.submitted.observation.queue_position,
+                next_poll_at=self.next_poll_at,
+                poll_interval=self.poll_interval,
+                last_change_at=now,
+            )
+        conn.execute(update(jobs).where(jobs.c.id == self.job_id).values(**values))
+        _event(
+            conn,
+            self.job_id,
+            now,
+            "submitted",
+            from_state=current.state,
+            to_state=State.QUEUED if current.state is State.SUBMITTING else current.state,
+            detail={"request_id": ref.request_id},
+        )
+        state = State(values.get("state", current.state.value))
+        return dataclasses.replace(current, **{**values, "state": state})
+
+
 Schedule = Callable[[Job, Observation], tuple[float | None, float | None]]
 
 
@@ -202,6 +283,9 @@ class Change:
     # Computes (next_poll_at, poll_interval) from the job as read inside the transaction.
     schedule: Schedule | None = None
     only_from: tuple[State, ...] | None = None
+
+    def run(self, conn: Connection, now: float) -> Applied | None:
+        return _apply_one(conn, self, now)
 
 
 @dataclass(frozen=True)
@@ -375,34 +459,9 @@ class Store:
     def begin_submit(
         self, job_id: str, seen_attempts: int, *, reason: str = "submit", now: float | None = None
     ) -> bool:
-        """Count a submit attempt before the HTTP call (compare-and-set on ``attempts``), so
-        two processes never send the same attempt and a crash leaves an ambiguous job."""
-        now = time.time() if now is None else now
-
-        def tx(conn: Connection) -> bool:
-            done = conn.execute(
-                update(jobs)
-                .where(
-                    jobs.c.id == job_id,
-                    jobs.c.state == State.SUBMITTING.value,
-                    jobs.c.attempts == seen_attempts,
-                    jobs.c.request_id.is_(None),
-                )
-                .values(attempts=seen_attempts + 1, updated_at=now)
-            )
-            if done.rowcount != 1:
-                return False
-            _event(
-                conn,
-                job_id,
-                now,
-                "submit_sent",
-                reason=reason,
-                detail={"attempt": seen_attempts + 1},
-            )
-            return True
-
-        return self._tx(tx)
+        """Count a submit attempt before the HTTP call (see :class:`BeginSubmit`)."""
+        result: bool = self.write_many([BeginSubmit(job_id, seen_attempts, reason)], now=now)[0]
+        return result
 
     def unsend(self, job_id: str, error: Mapping[str, Any], *, now: float | None = None) -> Job:
         """The last attempt provably never reached the provider: take it back, so sending the
@@ -436,43 +495,10 @@ class Store:
         poll_interval: float | None = None,
         now: float | None = None,
     ) -> Job:
-        """Record the request id and URLs: ``submitting -> queued`` (or keep a state that a
-        webhook already advanced, while still storing the request id)."""
-        now = time.time() if now is None else now
-        ref = submitted.ref
-
-        def tx(conn: Connection) -> Job:
-            current = _get(conn, job_id)
-            values: dict[str, Any] = {
-                "request_id": ref.request_id,
-                "gateway_request_id": submitted.gateway_request_id,
-                "status_url": ref.status_url,
-                "response_url": ref.response_url,
-                "cancel_url": ref.cancel_url,
-                "submitted_at": current.submitted_at or now,
-                "updated_at": now,
-            }
-            if current.state is State.SUBMITTING:
-                values.update(
-                    state=State.QUEUED.value,
-                    queue_position=submitted.observation.queue_position,
-                    next_poll_at=next_poll_at,
-                    poll_interval=poll_interval,
-                    last_change_at=now,
-                )
-            conn.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
-            _event(
-                conn,
-                job_id,
-                now,
-                "submitted",
-                from_state=current.state,
-                to_state=State.QUEUED if current.state is State.SUBMITTING else current.state,
-                detail={"request_id": ref.request_id},
-            )
-            return _get(conn, job_id)
-
-        return self._tx(tx)
+        """Record the request id and URLs (see :class:`MarkSubmitted`)."""
+        write = MarkSubmitted(job_id, submitted, next_poll_at, poll_interval)
+        job: Job = self.write_many([write], now=now)[0]
+        return job
 
     def record_event(
         self,
@@ -533,10 +559,14 @@ class Store:
     def apply_many(
         self, changes: Sequence[Change], *, now: float | None = None
     ) -> list[Applied | None]:
-        """Apply several changes in one transaction (group commit); None for a change whose
-        job is unknown. Raises if any change fails: the caller may retry them one by one."""
+        """Apply several changes in one transaction; None for a change whose job is unknown."""
+        return self.write_many(changes, now=now)
+
+    def write_many(self, writes: Sequence[Write[T]], *, now: float | None = None) -> list[T]:
+        """Run several writes in one transaction (group commit). Raises if any fails: the
+        caller may retry them one by one."""
         now = time.time() if now is None else now
-        return self._tx(lambda conn: [_apply_one(conn, change, now) for change in changes])
+        return self._tx(lambda conn: [write.run(conn, now) for write in writes])
 
     # --- polling: claims and leases -------------------------------------------------------
 
@@ -1241,14 +1271,17 @@ def _log_key(entry: Mapping[str, Any]) -> tuple[str, str]:
 
 __all__ = [
     "Applied",
+    "BeginSubmit",
     "Change",
     "Claimed",
     "GcBatch",
     "Job",
     "JobFile",
+    "MarkSubmitted",
     "NewFile",
     "NewJob",
     "Store",
+    "Write",
     "iso",
     "new_job_id",
 ]

@@ -1,33 +1,37 @@
-"""Group commit: many coroutines' observations applied in one transaction.
+"""Group commit: many coroutines' writes applied in one transaction.
 
-A webhook receiver taking thousands of callbacks a second, or a tick applying thousands of
-polls, would otherwise pay one transaction (and on SQLite, one turn of the single write
-lock) per observation. Here each caller queues its change and awaits it; one drain task
-applies whatever has queued up in one ``Store.apply_many`` call, off the event loop. While
-that commit runs, the next batch gathers, so batches grow exactly when load does and a lone
-caller waits for nobody.
+A webhook receiver taking thousands of callbacks a second, a tick applying thousands of
+polls, or a batch submitting thousands of jobs would otherwise pay one transaction (and on
+SQLite, one turn of the single write lock) per write. Here each caller queues its write
+(a :class:`jobs.store.Write`: the SQL stays in the store) and awaits it; one drain task runs
+whatever has queued up in one ``Store.write_many`` call, off the event loop. While that
+commit runs the next batch gathers, so batches grow exactly when load does and a lone caller
+waits for nobody.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any, TypeVar
 
-from .store import Applied, Change, Store
+from .store import Store, Write
+
+T = TypeVar("T")
 
 MAX_BATCH = 500
 
 
-class ApplyWriter:
+class GroupWriter:
     def __init__(self, store: Store, *, max_batch: int = MAX_BATCH) -> None:
         self._store = store
         self._max_batch = max_batch
-        self._pending: list[tuple[Change, asyncio.Future[Applied | None]]] = []
+        self._pending: list[tuple[Write[Any], asyncio.Future[Any]]] = []
         self._drainer: asyncio.Task[None] | None = None
 
-    async def apply(self, change: Change) -> Applied | None:
-        """Apply ``change`` (batched with concurrent callers); None if its job is unknown."""
-        future: asyncio.Future[Applied | None] = asyncio.get_running_loop().create_future()
-        self._pending.append((change, future))
+    async def write(self, write: Write[T]) -> T:
+        """Run ``write``, batched with concurrent callers' writes; return its result."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.append((write, future))
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.create_task(self._drain())
         return await future
@@ -38,16 +42,16 @@ class ApplyWriter:
             del self._pending[: self._max_batch]
             try:
                 outcomes = await asyncio.to_thread(
-                    self._store.apply_many, [change for change, _ in batch]
+                    self._store.write_many, [write for write, _ in batch]
                 )
             except Exception as exc:
                 if len(batch) == 1:
                     _settle(batch[0][1], error=exc)
                     continue
-                # One bad change must not sink the others: apply them one by one.
-                for change, future in batch:
+                # One bad write must not sink the others: run them one by one.
+                for write, future in batch:
                     try:
-                        [outcome] = await asyncio.to_thread(self._store.apply_many, [change])
+                        [outcome] = await asyncio.to_thread(self._store.write_many, [write])
                     except Exception as one:
                         _settle(future, error=one)
                     else:
@@ -58,12 +62,9 @@ class ApplyWriter:
 
 
 def _settle(
-    future: asyncio.Future[Applied | None],
-    outcome: Applied | None = None,
-    *,
-    error: Exception | None = None,
+    future: asyncio.Future[Any], outcome: Any = None, *, error: Exception | None = None
 ) -> None:
-    if future.done():  # the caller was cancelled; its change was applied all the same
+    if future.done():  # the caller was cancelled; its write was made all the same
         return
     if error is not None:
         future.set_exception(error)

@@ -4,27 +4,30 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator, Sequence
+from typing import TypeVar
 
 import pytest
 
 from jobs.errors import JobNotFound
 from jobs.providers.base import Observation, RemoteRef, Submitted
 from jobs.states import State
-from jobs.store import Applied, Change, NewJob, Store
-from jobs.writer import ApplyWriter
+from jobs.store import Change, NewJob, Store, Write
+from jobs.writer import GroupWriter
+
+T = TypeVar("T")
 
 
 class CountingStore(Store):
+    """Counts the transactions ``write_many`` runs."""
+
     def __init__(self, url: str) -> None:
         opened = Store.open(url)
         super().__init__(opened.engine)
         self.batches: list[int] = []
 
-    def apply_many(
-        self, changes: Sequence[Change], *, now: float | None = None
-    ) -> list[Applied | None]:
-        self.batches.append(len(changes))
-        return super().apply_many(changes, now=now)
+    def write_many(self, writes: Sequence[Write[T]], *, now: float | None = None) -> list[T]:
+        self.batches.append(len(writes))
+        return super().write_many(writes, now=now)
 
 
 @pytest.fixture
@@ -49,10 +52,11 @@ def _queued(store: Store, n: int) -> list[str]:
 
 async def test_concurrent_applies_share_transactions(store: CountingStore) -> None:
     ids = _queued(store, 200)
-    writer = ApplyWriter(store)
+    store.batches.clear()
+    writer = GroupWriter(store)
     done = Observation(state=State.SUCCEEDED, result={"ok": True})
     outcomes = await asyncio.gather(
-        *(writer.apply(Change(done, request_id=f"r{i}")) for i in range(len(ids)))
+        *(writer.write(Change(done, request_id=f"r{i}")) for i in range(len(ids)))
     )
     assert all(o is not None and o.changed for o in outcomes)
     assert sum(store.batches) == 200 and len(store.batches) < 50
@@ -61,17 +65,17 @@ async def test_concurrent_applies_share_transactions(store: CountingStore) -> No
 
 async def test_one_bad_change_fails_alone(store: CountingStore) -> None:
     ids = _queued(store, 3)
-    writer = ApplyWriter(store)
+    writer = GroupWriter(store)
 
     def boom(job: object, obs: Observation) -> tuple[float | None, float | None]:
         raise ValueError("bad schedule")
 
     running = Observation(state=State.IN_PROGRESS)
     results = await asyncio.gather(
-        writer.apply(Change(running, job_id=ids[0])),
-        writer.apply(Change(running, job_id=ids[1], schedule=boom)),
-        writer.apply(Change(running, job_id=ids[2])),
-        writer.apply(Change(running, request_id="unknown")),
+        writer.write(Change(running, job_id=ids[0])),
+        writer.write(Change(running, job_id=ids[1], schedule=boom)),
+        writer.write(Change(running, job_id=ids[2])),
+        writer.write(Change(running, request_id="unknown")),
         return_exceptions=True,
     )
     assert isinstance(results[1], ValueError)
