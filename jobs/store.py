@@ -13,21 +13,21 @@ retried a bounded number of times.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import Row, and_, delete, exists, func, insert, or_, select, update
+from sqlalchemy import Row, and_, bindparam, delete, exists, func, insert, or_, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.sql.dml import Insert
 
 from .db import create_db_engine, job_events, job_files, job_logs, jobs, results
 from .errors import ConfigError, JobNotFound
@@ -204,15 +204,9 @@ class BeginSubmit:
     reason: str = "submit"
 
     def run(self, conn: Connection, now: float) -> bool:
+        params = {"b_id": self.job_id, "b_attempts": self.seen_attempts}
         done = conn.execute(
-            update(jobs)
-            .where(
-                jobs.c.id == self.job_id,
-                jobs.c.state == State.SUBMITTING.value,
-                jobs.c.attempts == self.seen_attempts,
-                jobs.c.request_id.is_(None),
-            )
-            .values(attempts=self.seen_attempts + 1, updated_at=now)
+            _BEGIN_SUBMIT, {**params, "attempts": self.seen_attempts + 1, "updated_at": now}
         )
         if done.rowcount != 1:
             return False
@@ -232,7 +226,6 @@ class MarkSubmitted:
     poll_interval: float | None = None
 
     def run(self, conn: Connection, now: float) -> Job:
-        current = _get(conn, self.job_id)
         ref = self.submitted.ref
         values: dict[str, Any] = {
             "request_id": ref.request_id,
@@ -240,29 +233,38 @@ class MarkSubmitted:
             "status_url": ref.status_url,
             "response_url": ref.response_url,
             "cancel_url": ref.cancel_url,
-            "submitted_at": current.submitted_at or now,
+            "submitted_at": now,
             "updated_at": now,
         }
-        if current.state is State.SUBMITTING:
-            values.update(
-                state=State.QUEUED.value,
-                queue_position=self.submitted.observation.queue_position,
-                next_poll_at=self.next_poll_at,
-                poll_interval=self.poll_interval,
-                last_change_at=now,
-            )
-        conn.execute(update(jobs).where(jobs.c.id == self.job_id).values(**values))
+        queued = {
+            "state": State.QUEUED.value,
+            "queue_position": self.submitted.observation.queue_position,
+            "next_poll_at": self.next_poll_at,
+            "poll_interval": self.poll_interval,
+            "last_change_at": now,
+        }
+        row = conn.execute(
+            _UPDATE_IF_STATE,
+            {**values, **queued, "b_id": self.job_id, "b_state": State.SUBMITTING.value},
+        ).first()
+        previous = State.SUBMITTING
+        if row is None:
+            # A webhook got there first and moved the job on: keep its state.
+            row = conn.execute(_UPDATE_JOB, {**values, "b_id": self.job_id}).first()
+            if row is None:
+                raise JobNotFound(self.job_id)
+            previous = State(row.state)
+        job = Job.from_row(row)
         _event(
             conn,
             self.job_id,
             now,
             "submitted",
-            from_state=current.state,
-            to_state=State.QUEUED if current.state is State.SUBMITTING else current.state,
+            from_state=previous,
+            to_state=job.state,
             detail={"request_id": ref.request_id},
         )
-        state = State(values.get("state", current.state.value))
-        return dataclasses.replace(current, **{**values, "state": state})
+        return job
 
 
 Schedule = Callable[[Job, Observation], tuple[float | None, float | None]]
@@ -371,13 +373,16 @@ class Store:
 
     def _tx(self, fn: Callable[[Connection], T], *, write: bool = True) -> T:
         """Run ``fn`` in one transaction; retry transient failures a bounded number of times."""
+        lock = self._write_lock if write and self._write_lock is not None else nullcontext()
         for attempt in range(1, DB_RETRIES + 1):
             try:
-                if write and self._write_lock is not None:
-                    with self._write_lock, self._connect(write=True) as conn:
-                        return fn(conn)
-                with self._connect(write=write) as conn:
-                    return fn(conn)
+                with lock, self._connect(write=write) as conn:
+                    try:
+                        outcome = fn(conn)
+                        _flush_inserts(conn)
+                        return outcome
+                    finally:
+                        conn.info.pop(_PENDING, None)
             except (OperationalError, DBAPIError) as exc:
                 if isinstance(exc, IntegrityError) or not _transient(exc) or attempt == DB_RETRIES:
                     raise
@@ -1014,6 +1019,32 @@ class Store:
 # --- statement helpers, used inside transactions ------------------------------------------
 
 
+# Hot-path statements, built once: SQLAlchemy then only binds parameters. Building and
+# hashing a statement per call cost more than SQLite took to run it. UPDATEs take their SET
+# columns from the keys of the parameters they are executed with.
+_JOB_BY_ID = select(jobs).where(jobs.c.id == bindparam("b_id"))
+_JOB_BY_REQUEST = select(jobs).where(
+    jobs.c.request_id == bindparam("b_request_id"), jobs.c.provider == bindparam("b_provider")
+)
+_UPDATE_JOB = update(jobs).where(jobs.c.id == bindparam("b_id")).returning(*jobs.c)
+_UPDATE_IF_STATE = (
+    update(jobs)
+    .where(jobs.c.id == bindparam("b_id"), jobs.c.state == bindparam("b_state"))
+    .returning(*jobs.c)
+)
+_BEGIN_SUBMIT = update(jobs).where(
+    jobs.c.id == bindparam("b_id"),
+    jobs.c.state == State.SUBMITTING.value,
+    jobs.c.attempts == bindparam("b_attempts"),
+    jobs.c.request_id.is_(None),
+)
+_INSERT_EVENT = insert(job_events)
+_INSERT_RESULT = insert(results)
+# Rows of events and results written in a transaction wait here (on the connection) for
+# one executemany per table.
+_PENDING = "jobs_pending_inserts"
+
+
 def _apply_one(conn: Connection, change: Change, now: float) -> Applied | None:
     current = _find(conn, change, now)
     if current is None:
@@ -1030,12 +1061,10 @@ def _apply_one(conn: Connection, change: Change, now: float) -> Applied | None:
         else:
             next_poll_at, poll_interval = change.next_poll_at, change.poll_interval
         values = _values_for(current, obs, now, next_poll_at, poll_interval)
-        done = conn.execute(
-            update(jobs)
-            .where(jobs.c.id == current.id, jobs.c.state == current.state.value)
-            .values(**values)
-        )
-        if done.rowcount == 1:
+        params = {**values, "b_id": current.id, "b_state": current.state.value}
+        row = conn.execute(_UPDATE_IF_STATE, params).first()
+        if row is not None:
+            after = Job.from_row(row)
             break
         current = _get(conn, current.id)  # another process moved it: decide again
     else:
@@ -1056,19 +1085,15 @@ def _apply_one(conn: Connection, change: Change, now: float) -> Applied | None:
         _store_result(conn, current.id, obs.result, now)
     if obs.logs:
         _append_logs(conn, current.id, obs.logs, now)
-    after = dataclasses.replace(current, **{**values, "state": obs.state})
     return Applied(job=after, previous=current.state, changed=changed)
 
 
 def _find(conn: Connection, change: Change, now: float) -> Job | None:
     if change.job_id is not None:
-        row = conn.execute(select(jobs).where(jobs.c.id == change.job_id)).first()
+        row = conn.execute(_JOB_BY_ID, {"b_id": change.job_id}).first()
         return Job.from_row(row) if row is not None else None
-    row = conn.execute(
-        select(jobs).where(
-            jobs.c.request_id == change.request_id, jobs.c.provider == change.provider
-        )
-    ).first()
+    params = {"b_request_id": change.request_id, "b_provider": change.provider}
+    row = conn.execute(_JOB_BY_REQUEST, params).first()
     if row is not None:
         return Job.from_row(row)
     if change.adopt_job_id is not None and change.request_id is not None:
@@ -1165,7 +1190,7 @@ def _transient(exc: DBAPIError) -> bool:
 
 
 def _get(conn: Connection, job_id: str) -> Job:
-    row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+    row = conn.execute(_JOB_BY_ID, {"b_id": job_id}).first()
     if row is None:
         raise JobNotFound(job_id)
     return Job.from_row(row)
@@ -1189,17 +1214,33 @@ def _event(
     reason: str | None = None,
     detail: Any = None,
 ) -> None:
-    conn.execute(
-        insert(job_events).values(
-            job_id=job_id,
-            at=now,
-            kind=kind,
-            from_state=from_state.value if from_state else None,
-            to_state=to_state.value if to_state else None,
-            reason=reason,
-            detail=detail,
-        )
+    """Record an event; the rows are inserted together just before the commit."""
+    _defer_insert(
+        conn,
+        _INSERT_EVENT,
+        {
+            "job_id": job_id,
+            "at": now,
+            "kind": kind,
+            "from_state": from_state.value if from_state else None,
+            "to_state": to_state.value if to_state else None,
+            "reason": reason,
+            "detail": detail,
+        },
     )
+
+
+def _defer_insert(conn: Connection, statement: Insert, row: dict[str, Any]) -> None:
+    """Queue a row for ``statement``; :meth:`Store._tx` inserts each table's rows with one
+    executemany just before the commit (nothing reads them back inside the transaction)."""
+    pending: dict[Insert, list[dict[str, Any]]] = conn.info.setdefault(_PENDING, {})
+    pending.setdefault(statement, []).append(row)
+
+
+def _flush_inserts(conn: Connection) -> None:
+    pending: dict[Insert, list[dict[str, Any]]] = conn.info.pop(_PENDING, {})
+    for statement, rows in pending.items():
+        conn.execute(statement, rows)
 
 
 def _values_for(
@@ -1241,7 +1282,9 @@ def _values_for(
 
 def _store_result(conn: Connection, job_id: str, data: Any, now: float) -> None:
     size = len(json.dumps(data, separators=(",", ":")))
-    conn.execute(insert(results).values(job_id=job_id, stored_at=now, data=data, size=size))
+    _defer_insert(
+        conn, _INSERT_RESULT, {"job_id": job_id, "stored_at": now, "data": data, "size": size}
+    )
 
 
 def _append_logs(
