@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 INITIAL = 1.0
-FACTOR = 1.6
-CEILING = 30.0
+FACTOR = 1.5
+CEILING = 15.0
 WEBHOOK_INITIAL = 330.0
 RETENTION_CAP = 330.0  # fal's shortest retention (360 s) less a margin for tick lateness
 JITTER = 0.1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import random
 import secrets
 import socket
 import threading
@@ -29,7 +30,7 @@ from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from .backoff import PollPolicy, next_poll
+from .backoff import NextPoll, PollPolicy, next_poll
 from .config import Settings
 from .errors import (
     CancelTooLate,
@@ -282,7 +283,7 @@ class AsyncJobManager:
         return applied.job
 
     async def _submitted(self, job: Job, submitted: Submitted) -> Job:
-        step = next_poll(self.poll_policy, previous=None, changed=False, webhook=job.webhook)
+        step = self._next_poll(previous=None, changed=False, webhook=job.webhook)
         write = MarkSubmitted(job.id, submitted, time.time() + step.delay, step.interval)
         return await self.writer.write(write)
 
@@ -357,8 +358,7 @@ class AsyncJobManager:
         except ProviderError as exc:
             POLLS.labels(provider.name, "error").inc()
             retry_after = exc.retry_after if isinstance(exc, ProviderUnavailable) else None
-            step = next_poll(
-                self.poll_policy,
+            step = self._next_poll(
                 previous=job.poll_interval,
                 changed=False,
                 webhook=job.webhook,
@@ -391,10 +391,29 @@ class AsyncJobManager:
         changed = (
             observation.state is not job.state or observation.queue_position != job.queue_position
         )
-        step = next_poll(
-            self.poll_policy, previous=job.poll_interval, changed=changed, webhook=job.webhook
-        )
+        step = self._next_poll(previous=job.poll_interval, changed=changed, webhook=job.webhook)
         return time.time() + (0.0 if observation.needs_result else step.delay), step.interval
+
+    def _next_poll(
+        self,
+        *,
+        previous: float | None,
+        changed: bool,
+        webhook: bool,
+        retry_after: float | None = None,
+        failed: bool = False,
+    ) -> NextPoll:
+        """The backoff decision, with a fresh jitter draw so jobs submitted together drift
+        apart instead of polling in lock-step."""
+        return next_poll(
+            self.poll_policy,
+            previous=previous,
+            changed=changed,
+            webhook=webhook,
+            retry_after=retry_after,
+            failed=failed,
+            rand=random.random(),
+        )
 
     def _after_apply(self, applied: Applied) -> Applied:
         done = applied.job

@@ -192,9 +192,10 @@ class Poller:
           reason ``never sent``);
         - ``attempts > 0``, no request id: the submit may have reached the queue. Policy
           ``resubmit`` sends again (``submit_sent``, reason ``ambiguous resubmit``: at least
-          once), policy ``fail`` ends the job (``failed``, reason ``ambiguous_submit``);
-        - a request id but still ``submitting`` (a webhook named the job, then the process
-          died before applying it): made due, so the poller finds out its state.
+          once), policy ``fail`` ends the job (``failed``, reason ``ambiguous_submit``).
+
+        A job that learned its request id from a webhook is not ambiguous: the adoption made
+        it due, and the tick polls it.
         """
         decided = 0
         seen: set[str] = set()
@@ -232,16 +233,6 @@ class Poller:
 
     async def _decide(self, job: Job) -> bool:
         store = self.manager.store
-        if job.request_id is not None:
-            if job.next_poll_at is not None:
-                return False  # already made due: the tick takes it from here
-            await asyncio.to_thread(store.poll_soon, job.id)
-            await asyncio.to_thread(
-                store.record_event, job.id, "ambiguous_resolved", reason="has request id: poll"
-            )
-            AMBIGUOUS_DECISIONS.labels("poll").inc()
-            log.info("submitting job already has a request id; polling it")
-            return True
         if job.attempts == 0:
             return await self._send(job, "never sent", decision="send")
         if self.ambiguous_policy == "resubmit":

@@ -712,17 +712,6 @@ class Store:
 
         return self._tx(tx)
 
-    def poll_soon(self, job_id: str, *, now: float | None = None) -> None:
-        """Make an active job due now (a webhook said it finished but sent no payload)."""
-        now = time.time() if now is None else now
-        self._tx(
-            lambda conn: conn.execute(
-                update(jobs)
-                .where(jobs.c.id == job_id, jobs.c.state.in_([s.value for s in ACTIVE]))
-                .values(next_poll_at=now)
-            )
-        )
-
     def mark_cancel_requested(self, job_id: str, *, now: float | None = None) -> None:
         now = time.time() if now is None else now
 
@@ -846,11 +835,16 @@ class Store:
         return (True, row.data) if row is not None else (False, None)
 
     def ambiguous(self, *, older_than: float, limit: int = 100) -> list[Job]:
-        """Jobs still in ``submitting`` whose last change is older than ``older_than``."""
+        """Jobs in ``submitting`` with no request id whose last change is older than
+        ``older_than``. (One with a request id is due for a poll, which settles it.)"""
         rows = self._tx(
             lambda conn: conn.execute(
                 select(jobs)
-                .where(jobs.c.state == State.SUBMITTING.value, jobs.c.updated_at < older_than)
+                .where(
+                    jobs.c.state == State.SUBMITTING.value,
+                    jobs.c.request_id.is_(None),
+                    jobs.c.updated_at < older_than,
+                )
                 .order_by(jobs.c.updated_at)
                 .limit(limit)
             ).all(),
@@ -1109,7 +1103,9 @@ def _adopt(conn: Connection, job_id: str, request_id: str, now: float) -> Job | 
             jobs.c.state == State.SUBMITTING.value,
             jobs.c.request_id.is_(None),
         )
-        .values(request_id=request_id, submitted_at=now, updated_at=now)
+        # Due at once: should this process die before the webhook is applied, a poller
+        # still learns the job's state from the request id.
+        .values(request_id=request_id, submitted_at=now, updated_at=now, next_poll_at=now)
     )
     if done.rowcount != 1:
         return None
