@@ -26,9 +26,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from typing import Any, TypeVar
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .backoff import NextPoll, PollPolicy, next_poll
 from .config import Settings
@@ -44,13 +42,16 @@ from .errors import (
 )
 from .events import Completed, InProgress, Queued, Status
 from .metrics import POLL_SECONDS, POLLS, RATE_LIMIT_WAITS, RESULTS, SUBMITS
+from .providers import create as create_provider
 from .providers.base import Observation, Provider, SubmitRequest, Submitted
-from .providers.fal import FalProvider, parse_webhook
-from .providers.http import RateGate, make_client
-from .results import FileCache
 from .states import FailureReason, State
 from .store import Applied, BeginSubmit, Change, Job, MarkSubmitted, NewJob, Store
 from .writer import GroupWriter
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from .results import FileCache
 
 T = TypeVar("T")
 
@@ -112,14 +113,11 @@ class AsyncJobManager:
     # --- providers -----------------------------------------------------------------------
 
     def provider(self, name: str) -> Provider:
+        """The one instance of provider ``name`` (one HTTP client and rate gate for all its
+        jobs), built on first use."""
         if name not in self._providers:
-            if name != "fal":
-                raise ValueError(f"unknown provider {name!r}")
-            self._providers[name] = FalProvider(
-                queue_url=self.settings.fal_queue_url,
-                key=self.settings.fal_key,
-                client=make_client(),
-                gate=RateGate(on_wait=lambda _: RATE_LIMIT_WAITS.labels(name).inc()),
+            self._providers[name] = create_provider(
+                name, self.settings, on_rate_wait=lambda _: RATE_LIMIT_WAITS.labels(name).inc()
             )
         return self._providers[name]
 
@@ -127,6 +125,8 @@ class AsyncJobManager:
     def files(self) -> FileCache:
         """The result-file cache (downloads into ``settings.cache_dir``)."""
         if self._files is None:
+            from .results import FileCache  # its HTTP stack only when files are wanted
+
             self._files = FileCache(
                 self.store,
                 self.settings.cache_dir,
@@ -433,6 +433,8 @@ class AsyncJobManager:
         """Verify a fal callback and apply it. Raises ``SignatureError``/``ValueError``;
         returns None for a request we do not know (nothing is stored). ``job_id`` comes from
         the callback URL: it resolves an ambiguous submit that never learned its request id."""
+        from .providers.fal import parse_webhook
+
         delivery = parse_webhook(
             headers, body, keys, time.time() if now is None else now, job_id=job_id
         )

@@ -195,7 +195,8 @@ async def test_faults_and_bugs_never_stop_the_tick(
         manager.store.close()
     assert set(fal.fake.stats.faults) >= {"error_500", "drop", "invalid_json", "unknown_status"}
     assert metric("jobs_poller_errors_total", where="claim") - errors["claim"] == 3
-    assert metric("jobs_poller_errors_total", where="poll") - errors["poll"] == 3
+    # The 3 injected bugs, plus any poll that random faults slowed past the 3 s test lease.
+    assert metric("jobs_poller_errors_total", where="poll") - errors["poll"] >= 3
 
 
 async def _submitted_elsewhere(fal: FakeFalServer, data: dict[str, Any]) -> str:
