@@ -109,6 +109,29 @@ def submit_headers(request: SubmitRequest) -> dict[str, str]:
     return headers
 
 
+def _sendable(name: str, value: str) -> None:
+    """URL parts and header values must be plain visible ASCII: no spaces, no line breaks
+    (a newline in a header is an injection), nothing a proxy might rewrite."""
+    if not (value.isascii() and value.isprintable() and " " not in value):
+        raise ConfigError(f"{name} {value!r} must be printable ASCII without spaces")
+
+
+def check_request(request: SubmitRequest) -> None:
+    """Refuse, before anything is recorded, a request fal could not receive as sent."""
+    _sendable("application", request.application)
+    AppId.parse(request.application)
+    if request.path:
+        _sendable("path", request.path)
+    if request.hint:
+        _sendable("hint", request.hint)
+    submit_headers(request)
+    try:
+        json.dumps(request.arguments, allow_nan=False, ensure_ascii=False).encode()
+    except (ValueError, TypeError, RecursionError) as exc:
+        reason = "too deeply nested" if isinstance(exc, RecursionError) else str(exc)
+        raise ConfigError(f"the arguments cannot be sent as JSON: {reason}") from None
+
+
 def _json(response: httpx.Response) -> Any:
     try:
         return response.json()
@@ -315,8 +338,7 @@ class FalProvider:
         return request_ref(self.queue_url, application, request_id)
 
     def check(self, request: SubmitRequest) -> None:
-        AppId.parse(request.application)
-        submit_headers(request)
+        check_request(request)
         self._auth()
 
     async def submit(self, request: SubmitRequest) -> Submitted:
