@@ -91,6 +91,12 @@ class Poller:
         self._polls: set[asyncio.Task[None]] = set()
         self._runs: set[asyncio.Task[object]] = set()  # ticks and resolver runs in progress
         self._tick_lock = asyncio.Lock()
+        # The last claim filled every free slot, so more jobs are probably due: freed slots
+        # are refilled at once instead of waiting for the next tick (which would cap the
+        # rate at concurrency / tick).
+        self._backlog = False
+        self._refill: asyncio.Task[None] | None = None
+        self._refill_at = max(1, min(batch, concurrency) // 4)  # free slots worth a claim
         self._stopping = False
         self._scheduler: AsyncIOScheduler | None = None
 
@@ -129,7 +135,8 @@ class Poller:
                 for item in claimed:
                     self._start_poll(item.job)
                 claimed_total += len(claimed)
-                if len(claimed) < room:
+                self._backlog = len(claimed) == room
+                if not self._backlog:
                     break
         return claimed_total
 
@@ -145,7 +152,31 @@ class Poller:
     def _start_poll(self, job: Job) -> None:
         task = asyncio.create_task(self._poll(job), name=f"poll {job.id}")
         self._polls.add(task)
-        task.add_done_callback(self._polls.discard)
+        task.add_done_callback(self._poll_done)
+
+    def _poll_done(self, task: asyncio.Task[None]) -> None:
+        self._polls.discard(task)
+        free = self.concurrency - len(self._polls)
+        if (
+            self._backlog
+            and not self._stopping
+            and self._refill is None
+            and free >= self._refill_at
+        ):
+            self._refill = asyncio.create_task(self._refill_slots(), name="refill poll slots")
+
+    async def _refill_slots(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._runs.add(task)
+        try:
+            await self.tick()
+        except Exception:
+            POLLER_ERRORS.labels("tick").inc()
+            log.exception("refilling poll slots failed; the next tick tries again")
+        finally:
+            self._runs.discard(task)
+            self._refill = None
 
     async def _poll(self, job: Job) -> None:
         with job_context(job.id, job.request_id):
