@@ -14,6 +14,7 @@ from jobs.providers.base import RemoteRef, SubmitRequest
 from jobs.providers.fal import (
     AppId,
     FalProvider,
+    loads,
     observation_from_result,
     observation_from_status,
     observation_from_webhook,
@@ -136,6 +137,11 @@ def test_webhook_payload_mapping() -> None:
     assert cancelled.state is State.CANCELLED
     with pytest.raises(ValueError, match="neither OK nor ERROR"):
         observation_from_webhook({"request_id": "r", "status": "MAYBE", "payload": {}})
+
+
+def test_non_finite_numbers_are_read_as_null() -> None:
+    body = b'{"a": NaN, "b": -Infinity, "c": 1e400, "d": 1.5, "e": [Infinity]}'
+    assert loads(body) == {"a": None, "b": None, "c": None, "d": 1.5, "e": [None]}
 
 
 def test_retry_after_parsing() -> None:
@@ -331,6 +337,15 @@ async def test_result_replayed_error_after_a_failed_status_is_final(make_provide
     obs = await provider.result(REF, failed=True)
     assert obs.state is State.FAILED and len(rec.requests) == 1
     assert obs.error is not None and obs.error["message"] == "model crashed"
+
+
+async def test_a_rate_limit_on_a_failed_result_is_retried(make_provider: Any) -> None:
+    provider, rec = make_provider(
+        [reply(429, {"detail": "Rate limit exceeded"}), reply(422, {"detail": "bad prompt"})]
+    )
+    obs = await provider.result(REF, failed=True)
+    assert obs.error is not None and obs.error["message"] == "bad prompt"
+    assert len(rec.requests) == 2
 
 
 async def test_cancel_outcomes(make_provider: Any) -> None:

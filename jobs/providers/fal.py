@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -132,9 +133,21 @@ def check_request(request: SubmitRequest) -> None:
         raise ConfigError(f"the arguments cannot be sent as JSON: {reason}") from None
 
 
+def loads(data: bytes | str) -> Any:
+    """Parse JSON from fal. Python's parser accepts ``NaN``, ``Infinity`` and ``1e400``, which
+    JSON does not have and PostgreSQL's JSON columns refuse: they are read as null, so one odd
+    number cannot keep a whole result from being stored."""
+    return json.loads(data, parse_constant=lambda _: None, parse_float=_finite_or_none)
+
+
+def _finite_or_none(text: str) -> float | None:
+    value = float(text)
+    return value if math.isfinite(value) else None
+
+
 def _json(response: httpx.Response) -> Any:
     try:
-        return response.json()
+        return loads(response.content)
     except ValueError:
         raise ProviderProtocolError(
             f"fal answered {response.status_code} with a body that is not JSON",
@@ -181,7 +194,7 @@ def observation_from_status(body: Any) -> Observation:
 def error_from_response(response: httpx.Response) -> dict[str, Any]:
     """The error as fal reported it: type, message, detail, status code, request id."""
     try:
-        body: Any = response.json()
+        body: Any = loads(response.content)
     except ValueError:
         body = response.text[:2000]
     detail = body.get("detail") if isinstance(body, Mapping) else body
@@ -209,8 +222,10 @@ def _is_replayed_error(response: httpx.Response) -> bool:
     """A result endpoint error that is the request's own outcome, not a passing hiccup."""
     if response.headers.get("x-fal-error-type"):
         return True
+    if response.status_code == 429:
+        return False  # the platform's rate limit, not the app's answer: try again
     try:
-        body = response.json()
+        body = loads(response.content)
     except ValueError:
         return False
     return isinstance(body, Mapping) and ("detail" in body or "error_type" in body)
@@ -258,7 +273,7 @@ def parse_webhook(
 ) -> WebhookDelivery:
     """Verify and read a fal callback. Raises ``SignatureError`` or ``ValueError`` (malformed)."""
     signed_request_id = verify_fal(headers, body, keys, now)
-    payload = json.loads(body)
+    payload = loads(body)
     if not isinstance(payload, Mapping):
         raise ValueError("webhook body is not a JSON object")
     request_id = payload.get("request_id")
@@ -391,7 +406,7 @@ class FalProvider:
 
     def _submitted(self, request: SubmitRequest, response: httpx.Response) -> Submitted:
         try:
-            body = response.json()
+            body = loads(response.content)
             request_id = body["request_id"]
             if not isinstance(request_id, str) or not request_id:
                 raise ValueError
