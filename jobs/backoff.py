@@ -68,6 +68,11 @@ def next_poll(
         reason = "poll failed"
     if retry_after is not None and retry_after > interval:
         interval, reason = retry_after, "retry-after"
-    spread = 1 + policy.jitter * (2 * rand - 1)
+    if webhook and not failed and retry_after is None:
+        # The safety net sits just under the retention cap: jitter only downwards, and by at
+        # most half as much, so two safety polls still outlast a 10-minute job.
+        spread = 1 - policy.jitter * rand / 2
+    else:
+        spread = 1 + policy.jitter * (2 * rand - 1)
     delay = min(interval * spread, policy.retention_cap)
     return NextPoll(delay=delay, interval=interval, reason=reason)

@@ -609,7 +609,10 @@ class Store:
             "next_poll_at": until,
             "polls": jobs.c.polls + 1,
         }
-        due = and_(jobs.c.next_poll_at <= now, jobs.c.state.in_([s.value for s in ACTIVE]))
+        # Only active jobs have a next_poll_at (every terminal write clears it), so this
+        # alone selects due work and lets the database walk the next_poll_at index in order;
+        # adding a state test made SQLite pick the state index and sort every active job.
+        due = jobs.c.next_poll_at <= now
         if batch is not None:
             due = and_(due, jobs.c.batch == batch)
 
