@@ -9,38 +9,11 @@ from typing import Any
 import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from support.jwks import Clock, JwksServer
 
 from jobs.providers.jwks import JwksCache, JwksUnavailable
-from jobs.providers.signatures import public_jwk
 
 URL = "https://keys.example/.well-known/jwks.json"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class JwksServer:
-    """What the JWKS URL answers; counts requests."""
-
-    def __init__(self, *keys: Ed25519PrivateKey) -> None:
-        self.keys = list(keys)
-        self.down = False
-        self.body: Any = None  # overrides the document when set
-        self.requests = 0
-
-    def handler(self, request: httpx.Request) -> httpx.Response:
-        self.requests += 1
-        if self.down:
-            return httpx.Response(503, text="down")
-        if self.body is not None:
-            return httpx.Response(200, json=self.body)
-        jwks = {"keys": [public_jwk(k, f"k{i}") for i, k in enumerate(self.keys)]}
-        return httpx.Response(200, json=jwks)
 
 
 def _raw(keys: list[Ed25519PublicKey]) -> list[bytes]:
@@ -63,7 +36,7 @@ def server(signer: Ed25519PrivateKey) -> JwksServer:
 
 @pytest.fixture
 async def client(server: JwksServer) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=httpx.MockTransport(server.handler)) as c:
+    async with httpx.AsyncClient(transport=httpx.MockTransport(server)) as c:
         yield c
 
 
@@ -227,6 +200,6 @@ async def test_not_json_and_transport_errors_are_failures(clock: Clock) -> None:
 async def test_several_keys_are_all_returned(client: httpx.AsyncClient, clock: Clock) -> None:
     other = Ed25519PrivateKey.generate()
     server = JwksServer(other, Ed25519PrivateKey.generate())
-    async with httpx.AsyncClient(transport=httpx.MockTransport(server.handler)) as c:
+    async with httpx.AsyncClient(transport=httpx.MockTransport(server)) as c:
         keys = await _cache(c, clock).keys()
     assert len(keys) == 2 and _raw(keys)[0] == _pub(other)[0]

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
+from support.jwks import Clock
 
 from jobs.config import Secret, Settings
 from jobs.db import metadata
@@ -55,14 +56,6 @@ PROPERTY = settings(
 )
 
 Snapshot = dict[str, list[tuple[Any, ...]]]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Keys:

@@ -19,13 +19,14 @@ import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from starlette.applications import Starlette
 from starlette.types import Message
+from support.jwks import Clock, JwksServer
 
 from jobs.config import Secret, Settings
 from jobs.manager import AsyncJobManager
 from jobs.metrics import REGISTRY
 from jobs.providers.base import Observation, RemoteRef, Submitted
 from jobs.providers.jwks import JwksCache
-from jobs.providers.signatures import public_jwk, sign_fal
+from jobs.providers.signatures import sign_fal
 from jobs.states import State
 from jobs.store import Job, NewJob, Store
 from jobs.testing import FakeFalConfig, FakeFalServer
@@ -33,31 +34,6 @@ from jobs.web import create_app
 
 APP = "fal-ai/flux/dev"
 LIMIT = 4096
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class JwksServer:
-    """A tiny JWKS endpoint (an httpx.MockTransport handler) whose keys a test changes."""
-
-    def __init__(self, *keys: Ed25519PrivateKey) -> None:
-        self.keys = list(keys)
-        self.down = False
-        self.requests = 0
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests += 1
-        if self.down:
-            raise httpx.ConnectError("connection refused", request=request)
-        return httpx.Response(
-            200, json={"keys": [public_jwk(k, f"k{i}") for i, k in enumerate(self.keys)]}
-        )
 
 
 def _count(outcome: str) -> float:
@@ -133,7 +109,7 @@ def signer() -> Ed25519PrivateKey:
 
 @pytest.fixture
 def jwks_server(signer: Ed25519PrivateKey) -> JwksServer:
-    return JwksServer(signer)
+    return JwksServer(signer, refuse=True)
 
 
 @pytest.fixture
@@ -287,7 +263,7 @@ async def test_several_keys_any_may_sign(
     tmp_path: Path, fal: FakeFalServer, clock: Clock, signer: Ed25519PrivateKey
 ) -> None:
     decoy = Ed25519PrivateKey.generate()
-    server = JwksServer(decoy, signer)
+    server = JwksServer(decoy, signer, refuse=True)
     settings = _settings(tmp_path, fal.url)
     manager = AsyncJobManager(settings)
     async with httpx.AsyncClient(transport=httpx.MockTransport(server)) as jwks_client:
