@@ -13,8 +13,7 @@ they call for different actions: fix the input, or wait and retry.
     └── ProviderError               anything the remote queue API did
         ├── ProviderRejected        the provider answered no (4xx): not retried
         ├── ProviderUnavailable     timeouts, connection errors, 5xx, 429 after all retries
-        ├── ProviderProtocolError   a reply we cannot understand (bad JSON, unknown status)
-        └── ResultGone              the result is no longer kept by the provider
+        └── ProviderProtocolError   a reply we cannot understand (bad JSON, unknown status)
 
 ``ProviderError`` messages never include credentials.
 """
@@ -113,7 +112,3 @@ class ProviderUnavailable(ProviderError):
 
 class ProviderProtocolError(ProviderError):
     """The provider answered something we cannot interpret."""
-
-
-class ResultGone(ProviderError):
-    """The provider no longer keeps the result (retention expired)."""

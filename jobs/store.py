@@ -498,13 +498,6 @@ class Store:
 
         return self._tx(tx)
 
-    def adopt_request_id(
-        self, job_id: str, request_id: str, *, now: float | None = None
-    ) -> Job | None:
-        """A webhook named our job and its request id: an ambiguous submit resolved."""
-        now = time.time() if now is None else now
-        return self._tx(lambda conn: _adopt(conn, job_id, request_id, now))
-
     def mark_submitted(
         self,
         job_id: str,

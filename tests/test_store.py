@@ -12,7 +12,7 @@ import pytest
 from jobs.errors import JobNotFound
 from jobs.providers.base import Observation, RemoteRef, Submitted
 from jobs.states import FailureReason, State
-from jobs.store import Job, NewJob, Store
+from jobs.store import Change, Job, NewJob, Store
 
 
 @pytest.fixture
@@ -213,10 +213,12 @@ def test_release_leases_makes_jobs_due(store: Store) -> None:
 def test_adopt_request_id_resolves_an_ambiguous_submit(store: Store) -> None:
     job, _ = store.create_job(NewJob(application="a/b", arguments={}))
     assert store.begin_submit(job.id, 0)  # sent, then the process died
-    adopted = store.adopt_request_id(job.id, "from-webhook")
-    assert adopted is not None and adopted.request_id == "from-webhook"
-    assert store.adopt_request_id(job.id, "again") is None
-    assert store.apply(job.id, OK).job.state is State.SUCCEEDED
+    # A webhook names our job (from its URL) and a request id no job has yet: adopted.
+    [adopted] = store.apply_many([Change(OK, request_id="from-webhook", adopt_job_id=job.id)])
+    assert adopted is not None and adopted.job.request_id == "from-webhook"
+    assert adopted.job.state is State.SUCCEEDED
+    # Another request id cannot take the job over.
+    assert store.apply_many([Change(OK, request_id="again", adopt_job_id=job.id)]) == [None]
 
 
 def test_list_and_counts(store: Store) -> None:

@@ -8,7 +8,7 @@ whether they came from a poll, a webhook, a submit reply or a result fetch.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..states import FailureReason, State
@@ -53,11 +53,6 @@ class Observation:
     failure_reason: FailureReason | None = None
     needs_result: bool = False
     source: str = "poll"
-    extra: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def has_result(self) -> bool:
-        return self.state is State.SUCCEEDED
 
 
 @dataclass(frozen=True)

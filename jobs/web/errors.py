@@ -29,7 +29,6 @@ from ..errors import (
     ProviderProtocolError,
     ProviderRejected,
     ProviderUnavailable,
-    ResultGone,
 )
 
 log = logging.getLogger(__name__)
@@ -56,7 +55,6 @@ STATUS: dict[type[Exception], tuple[int, str]] = {
     ProviderRejected: (422, "provider_rejected"),
     ProviderUnavailable: (502, "provider_unavailable"),
     ProviderProtocolError: (502, "provider_protocol_error"),
-    ResultGone: (410, "result_gone"),
     ProviderError: (502, "provider_error"),
     JobsError: (500, "internal"),
 }
