@@ -210,7 +210,7 @@ def test_release_leases_makes_jobs_due(store: Store) -> None:
     assert store.get(job.id).next_poll_at == 11.0
 
 
-def test_adopt_request_id_resolves_an_ambiguous_submit(store: Store) -> None:
+def test_a_webhook_adopts_an_ambiguous_submit(store: Store) -> None:
     job, _ = store.create_job(NewJob(application="a/b", arguments={}))
     assert store.begin_submit(job.id, 0)  # sent, then the process died
     # A webhook names our job (from its URL) and a request id no job has yet: adopted.
