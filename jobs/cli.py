@@ -324,8 +324,7 @@ def list_(state: str | None, application: str | None, batch: str | None, limit: 
     from .states import State
 
     async def action(manager: AsyncJobManager) -> list[Job]:
-        return await manager._db(
-            manager.store.list_jobs,
+        return await manager.list_jobs(
             state=State(state) if state else None,
             application=application,
             batch=batch,
@@ -568,7 +567,7 @@ def gc(older_than: str) -> None:
     and events stay); prints what was freed."""
     import time
 
-    from .results import GcReport, collect_garbage, parse_duration
+    from .results import GcReport, parse_duration
 
     try:
         cutoff = time.time() - parse_duration(older_than)
@@ -576,8 +575,7 @@ def gc(older_than: str) -> None:
         fail(f"--older-than: {exc}", EXIT_USAGE)
 
     async def action(manager: AsyncJobManager) -> GcReport:
-        cache_dir = manager.settings.cache_dir
-        return await manager._db(collect_garbage, manager.store, cache_dir, cutoff)
+        return await manager.collect_garbage(cutoff)
 
     emit(run(action).to_dict())
 

@@ -51,7 +51,7 @@ from .writer import GroupWriter
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    from .results import FileCache
+    from .results import FileCache, GcReport
 
 T = TypeVar("T")
 
@@ -314,6 +314,13 @@ class AsyncJobManager:
     async def status(self, ref: str) -> Job:
         """The job as stored (by our id or its request id)."""
         return await self._db(self.store.get, ref)
+
+    async def collect_garbage(self, cutoff: float) -> GcReport:
+        """Remove stored results and cached files of jobs finished before ``cutoff`` (UNIX
+        seconds); job rows and events stay."""
+        from .results import collect_garbage
+
+        return await self._db(collect_garbage, self.store, self.settings.cache_dir, cutoff)
 
     async def list_jobs(
         self,
