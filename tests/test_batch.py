@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.managers import local_settings, open_manager
 
-from jobs import AsyncJobManager, Settings, State
+from jobs import AsyncJobManager, State
 from jobs.backoff import PollPolicy
 from jobs.batch import (
     Line,
@@ -23,7 +24,6 @@ from jobs.batch import (
     submit_batch,
     wait_batch,
 )
-from jobs.config import Secret
 from jobs.providers.base import Observation, RemoteRef, Submitted
 from jobs.store import NewJob, Store
 from jobs.testing import FakeFalConfig, FakeFalServer, expected_file_bytes, input_hash
@@ -39,17 +39,9 @@ def fal() -> Iterator[FakeFalServer]:
 
 @pytest.fixture
 async def jm(tmp_path: Path, fal: FakeFalServer) -> AsyncIterator[AsyncJobManager]:
-    settings = Settings.from_env(
-        {},
-        database_url=f"sqlite:///{tmp_path}/jobs.db",
-        fal_queue_url=fal.url,
-        fal_key=Secret("test-key"),
-        cache_dir=str(tmp_path / "cache"),
-    )
-    manager = AsyncJobManager(settings, poll_policy=PollPolicy(initial=0.05, ceiling=0.2))
-    yield manager
-    await manager.aclose()
-    manager.store.close()
+    settings = local_settings(tmp_path, fal.url, cache_dir=str(tmp_path / "cache"))
+    async with open_manager(settings, poll_policy=PollPolicy(initial=0.05, ceiling=0.2)) as m:
+        yield m
 
 
 def _lines(n: int, **extra: Any) -> list[Line]:

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from support.managers import local_settings, open_manager
 
 from jobs import (
     AsyncJobManager,
@@ -22,11 +23,9 @@ from jobs import (
     JobNotFinished,
     JobNotFound,
     Queued,
-    Settings,
     State,
     WaitTimeout,
 )
-from jobs.config import Secret
 from jobs.errors import ConfigError
 from jobs.testing import FakeFalConfig, FakeFalServer, input_hash
 
@@ -37,22 +36,10 @@ def fal() -> Iterator[FakeFalServer]:
         yield server
 
 
-def _settings(tmp_path: Path, queue_url: str, **extra: Any) -> Settings:
-    return Settings.from_env(
-        {},
-        database_url=f"sqlite:///{tmp_path}/jobs.db",
-        fal_queue_url=queue_url,
-        fal_key=Secret("test-key"),
-        **extra,
-    )
-
-
 @pytest.fixture
 async def jm(tmp_path: Path, fal: FakeFalServer) -> AsyncIterator[AsyncJobManager]:
-    manager = AsyncJobManager(_settings(tmp_path, fal.url))
-    yield manager
-    await manager.aclose()
-    manager.store.close()
+    async with open_manager(local_settings(tmp_path, fal.url)) as manager:
+        yield manager
 
 
 async def test_submit_and_wait_for_the_result(jm: AsyncJobManager, fal: FakeFalServer) -> None:
@@ -97,7 +84,7 @@ async def test_remote_failure_keeps_the_error(jm: AsyncJobManager) -> None:
 
 async def test_rejected_submit(tmp_path: Path) -> None:
     with FakeFalServer(FakeFalConfig(key="the-right-key")) as server:
-        manager = AsyncJobManager(_settings(tmp_path, server.url))
+        manager = AsyncJobManager(local_settings(tmp_path, server.url))
         try:
             job = await manager.submit("fal-ai/flux/dev", {"prompt": "x"})
         finally:
@@ -115,7 +102,7 @@ def _closed_port() -> int:
 
 
 async def test_unreachable_queue(tmp_path: Path, fal: FakeFalServer) -> None:
-    down = AsyncJobManager(_settings(tmp_path, f"http://127.0.0.1:{_closed_port()}"))
+    down = AsyncJobManager(local_settings(tmp_path, f"http://127.0.0.1:{_closed_port()}"))
     try:
         plain = await down.submit("fal-ai/flux/dev", {"prompt": "x"})
         assert plain.state is State.FAILED and plain.failure_reason == "submit_unreachable"
@@ -125,7 +112,7 @@ async def test_unreachable_queue(tmp_path: Path, fal: FakeFalServer) -> None:
         await down.aclose()
         down.store.close()
     # The queue is back: the same call with the same key sends the job now, once.
-    up = AsyncJobManager(_settings(tmp_path, fal.url))
+    up = AsyncJobManager(local_settings(tmp_path, fal.url))
     try:
         sent = await up.submit("fal-ai/flux/dev", {"prompt": "y"}, idempotency_key="k")
         assert sent.id == keyed.id and sent.state is State.QUEUED
@@ -231,7 +218,7 @@ async def test_subscribe_is_durable(jm: AsyncJobManager, fal: FakeFalServer) -> 
 
 def test_sync_manager_works_inside_a_running_loop(tmp_path: Path, fal: FakeFalServer) -> None:
     async def notebook_cell() -> Any:
-        with JobManager(_settings(tmp_path, fal.url)) as sync_jm:  # a notebook cell
+        with JobManager(local_settings(tmp_path, fal.url)) as sync_jm:  # a notebook cell
             job = sync_jm.submit("fal-ai/flux/dev", {"prompt": "sync"})
             statuses = list(sync_jm.iter_events(job.id))
             return sync_jm.result(job.id, wait=True, timeout=20), statuses

@@ -13,10 +13,10 @@ from typing import Any
 
 import httpx
 import pytest
+from support.managers import local_settings, open_manager
 
-from jobs import AsyncJobManager, JobFailed, Settings, State
+from jobs import AsyncJobManager, JobFailed, State
 from jobs.backoff import PollPolicy
-from jobs.config import Secret
 from jobs.providers.base import Observation, RemoteRef, Submitted
 from jobs.results import (
     DownloadError,
@@ -44,17 +44,9 @@ def fal() -> Iterator[FakeFalServer]:
 
 @pytest.fixture
 async def jm(tmp_path: Path, fal: FakeFalServer) -> AsyncIterator[AsyncJobManager]:
-    settings = Settings.from_env(
-        {},
-        database_url=f"sqlite:///{tmp_path}/jobs.db",
-        fal_queue_url=fal.url,
-        fal_key=Secret("test-key"),
-        cache_dir=str(tmp_path / "cache"),
-    )
-    manager = AsyncJobManager(settings, poll_policy=FAST)
-    yield manager
-    await manager.aclose()
-    manager.store.close()
+    settings = local_settings(tmp_path, fal.url, cache_dir=str(tmp_path / "cache"))
+    async with open_manager(settings, poll_policy=FAST) as manager:
+        yield manager
 
 
 def _sha(data: bytes) -> str:

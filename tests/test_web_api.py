@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.routing import Route
+from support.managers import local_settings
 
 from jobs.config import Secret, Settings
 from jobs.errors import ProviderUnavailable
@@ -46,13 +47,7 @@ def fal() -> Iterator[FakeFalServer]:
 
 
 def _settings(tmp_path: Path, queue_url: str, **extra: Any) -> Settings:
-    return Settings.from_env(
-        {},
-        database_url=f"sqlite:///{tmp_path}/jobs.db",
-        fal_queue_url=queue_url,
-        fal_key=Secret(FAL_KEY),
-        **extra,
-    )
+    return local_settings(tmp_path, queue_url, fal_key=FAL_KEY, **extra)
 
 
 @pytest.fixture
