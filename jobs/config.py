@@ -16,6 +16,10 @@ from .errors import ConfigError
 
 DEFAULT_DATABASE_URL = "sqlite:///jobs.db"
 DEFAULT_FAL_QUEUE_URL = "https://queue.fal.run"
+DEFAULT_FAL_REST_URL = "https://rest.fal.ai"
+DEFAULT_FAL_RUN_URL = "https://fal.run"
+DEFAULT_UPLOAD_TTL = "30d"
+DEFAULT_UPLOAD_MAX_BYTES = 10 * 1024**3
 DEFAULT_FAL_JWKS_URL = "https://rest.alpha.fal.ai/.well-known/jwks.json"
 DEFAULT_REPLICATE_API_URL = "https://api.replicate.com"
 DEFAULT_CACHE_MAX_FILE_BYTES = 512 * 1024 * 1024
@@ -77,6 +81,11 @@ class Settings:
     fal_key: Secret | None = None
     fal_queue_url: str = DEFAULT_FAL_QUEUE_URL
     fal_jwks_url: str = DEFAULT_FAL_JWKS_URL
+    fal_rest_url: str = DEFAULT_FAL_REST_URL
+    fal_run_url: str = DEFAULT_FAL_RUN_URL
+    # Lifetime asked for uploaded files ("never" or a duration), and the largest upload.
+    upload_ttl: str = DEFAULT_UPLOAD_TTL
+    upload_max_bytes: int = DEFAULT_UPLOAD_MAX_BYTES
     public_url: str | None = None
     api_token: Secret | None = None
     cache_dir: str = ".jobs-cache"
@@ -115,6 +124,14 @@ class Settings:
             "fal_key": _secret(fal_key),
             "fal_queue_url": (env.get("JOBS_FAL_QUEUE_URL") or DEFAULT_FAL_QUEUE_URL).rstrip("/"),
             "fal_jwks_url": env.get("JOBS_FAL_JWKS_URL") or DEFAULT_FAL_JWKS_URL,
+            "fal_rest_url": (env.get("JOBS_FAL_REST_URL") or DEFAULT_FAL_REST_URL).rstrip("/"),
+            "fal_run_url": (env.get("JOBS_FAL_RUN_URL") or DEFAULT_FAL_RUN_URL).rstrip("/"),
+            "upload_ttl": env.get("JOBS_UPLOAD_TTL") or DEFAULT_UPLOAD_TTL,
+            "upload_max_bytes": _number(
+                "JOBS_UPLOAD_MAX_BYTES",
+                env.get("JOBS_UPLOAD_MAX_BYTES") or str(DEFAULT_UPLOAD_MAX_BYTES),
+                int,
+            ),
             "public_url": (env.get("JOBS_PUBLIC_URL") or "").rstrip("/") or None,
             "api_token": _secret(env.get("JOBS_API_TOKEN")),
             "cache_dir": env.get("JOBS_CACHE_DIR") or ".jobs-cache",

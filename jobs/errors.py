@@ -10,6 +10,7 @@ they call for different actions: fix the input, or wait and retry.
     ├── WaitTimeout                 wait(timeout=...) ran out; the job goes on
     ├── JobFailed                   the job ended failed or cancelled (carries the error)
     ├── CancelTooLate               the job finished before the cancel reached it
+    ├── UploadError                 a file to upload is missing, unreadable or too large
     └── ProviderError               anything the remote queue API did
         ├── ProviderRejected        the provider answered no (4xx): not retried
         ├── ProviderUnavailable     timeouts, connection errors, 5xx, 429 after all retries
@@ -68,6 +69,10 @@ class CancelTooLate(JobsError):
         super().__init__(f"job {job_id} is already {state}; too late to cancel")
         self.job_id = job_id
         self.state = state
+
+
+class UploadError(JobsError):
+    """A file cannot be uploaded as given (nothing was sent or recorded)."""
 
 
 class ProviderError(JobsError):

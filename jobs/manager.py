@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     from .results import FileCache, GcReport
+    from .uploads import Uploaded, Uploader
 
 T = TypeVar("T")
 
@@ -109,6 +110,7 @@ class AsyncJobManager:
         self.owner = owner or _owner_name()
         self.writer = GroupWriter(store)
         self._files: FileCache | None = None
+        self._uploader: Uploader | None = None
 
     # --- providers -----------------------------------------------------------------------
 
@@ -135,9 +137,27 @@ class AsyncJobManager:
             )
         return self._files
 
+    @property
+    def uploader(self) -> Uploader:
+        """Uploads to fal's CDN, recorded in the store (see :mod:`jobs.uploads`)."""
+        if self._uploader is None:
+            from .providers import create_cdn
+            from .uploads import Uploader
+
+            self._uploader = Uploader(
+                self.store,
+                create_cdn(self.settings),
+                ttl=self.settings.upload_ttl,
+                max_bytes=self.settings.upload_max_bytes,
+            )
+        return self._uploader
+
     async def aclose(self) -> None:
         if self._files is not None:
             await self._files.aclose()
+        if self._uploader is not None:
+            await self._uploader.close()
+            self._uploader = None
         for provider in self._providers.values():
             await provider.close()
         self._providers.clear()
@@ -308,6 +328,26 @@ class AsyncJobManager:
         observation = Observation(state=State.QUEUED, source="track")
         tracked = Submitted(ref=remote.ref_for(application, request_id), observation=observation)
         return await self._submitted(job, tracked)
+
+    # --- uploads ---------------------------------------------------------------------------
+
+    async def upload(
+        self, data: str | bytes, content_type: str, file_name: str | None = None
+    ) -> Uploaded:
+        """Upload bytes to fal's CDN once: the same bytes again return the same URL
+        (``str()`` of the result) and send nothing."""
+        return await self.uploader.upload(data, content_type, file_name)
+
+    async def upload_file(
+        self, path: str | os.PathLike[str], *, content_type: str | None = None
+    ) -> Uploaded:
+        """Upload a file, or a folder zipped deterministically, once (resumable above
+        100 MiB). Raises ``UploadError`` for a missing, unreadable or too large file."""
+        return await self.uploader.upload_file(path, content_type=content_type)
+
+    async def upload_image(self, image: Any, format: str = "jpeg") -> Uploaded:
+        """Upload a Pillow image as ``image/<format>``, once."""
+        return await self.uploader.upload_image(image, format)
 
     # --- status, polling and applying ----------------------------------------------------
 
@@ -715,3 +755,16 @@ class JobManager:
         self, application: str, arguments: Mapping[str, Any] | None = None, **options: Any
     ) -> Any:
         return self._portal.call(self._async.subscribe(application, arguments, **options))
+
+    def upload(
+        self, data: str | bytes, content_type: str, file_name: str | None = None
+    ) -> Uploaded:
+        return self._portal.call(self._async.upload(data, content_type, file_name))
+
+    def upload_file(
+        self, path: str | os.PathLike[str], *, content_type: str | None = None
+    ) -> Uploaded:
+        return self._portal.call(self._async.upload_file(path, content_type=content_type))
+
+    def upload_image(self, image: Any, format: str = "jpeg") -> Uploaded:
+        return self._portal.call(self._async.upload_image(image, format))
