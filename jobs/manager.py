@@ -35,12 +35,14 @@ from .errors import (
     JobFailed,
     JobNotFinished,
     JobNotFound,
+    JobsError,
     ProviderError,
     ProviderRejected,
     ProviderUnavailable,
     WaitTimeout,
 )
 from .events import Completed, InProgress, Queued, Status
+from .handles import AsyncJobHandle, SyncJobHandle
 from .metrics import POLL_SECONDS, POLLS, RATE_LIMIT_WAITS, RESULTS, SUBMITS
 from .providers import create as create_provider
 from .providers.base import Observation, Provider, SubmitRequest, Submitted
@@ -51,6 +53,7 @@ from .writer import GroupWriter
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+    from .providers.fal_stream import FalStream
     from .results import FileCache, GcReport
     from .uploads import Uploaded, Uploader
 
@@ -111,6 +114,7 @@ class AsyncJobManager:
         self.writer = GroupWriter(store)
         self._files: FileCache | None = None
         self._uploader: Uploader | None = None
+        self._stream: FalStream | None = None
 
     # --- providers -----------------------------------------------------------------------
 
@@ -158,6 +162,9 @@ class AsyncJobManager:
         if self._uploader is not None:
             await self._uploader.close()
             self._uploader = None
+        if self._stream is not None:
+            await self._stream.close()
+            self._stream = None
         for provider in self._providers.values():
             await provider.close()
         self._providers.clear()
@@ -188,9 +195,11 @@ class AsyncJobManager:
         idempotency_key: str | None = None,
         webhook: bool = True,
         download: bool | None = None,
-    ) -> Job:
+    ) -> AsyncJobHandle:
         """Record the job, then send it. With an ``idempotency_key`` already used, return that
-        job and send nothing (unless it provably never reached the queue: then send it now)."""
+        job and send nothing (unless it provably never reached the queue: then send it now).
+        The job comes back as a handle: its fields, and fal_client's ``status``,
+        ``iter_events``, ``get`` and ``cancel`` (see :mod:`jobs.handles`)."""
         new = self.new_job(
             application,
             arguments,
@@ -206,8 +215,8 @@ class AsyncJobManager:
         )
         job, created = await self._db(self.store.create_job, new)
         if not _needs_send(job, created):
-            return job
-        return await self.send(job)
+            return AsyncJobHandle.of(job, self)
+        return AsyncJobHandle.of(await self.send(job), self)
 
     def new_job(
         self,
@@ -506,16 +515,7 @@ class AsyncJobManager:
         yield job
         seen = job.updated_at
         while not job.terminal:
-            if job.request_id is not None:
-                claimed = await self._db(
-                    self.store.claim_job,
-                    job.id,
-                    self.owner,
-                    lease_seconds=WAIT_LEASE,
-                    dead_owner=dead_local_owner(job.lease_owner),
-                )
-                if claimed is not None:
-                    job = await self.refresh(claimed)
+            job = await self._poll_if_due(job)
             if job.updated_at == seen:
                 job = await self._db(self.store.get, job.id)
             if job.updated_at != seen:
@@ -564,21 +564,47 @@ class AsyncJobManager:
         self, ref: str, *, with_logs: bool = True, timeout: float | None = None
     ) -> AsyncIterator[Status]:
         """Yield ``Queued`` / ``InProgress`` / ``Completed`` as the job moves, like
-        ``fal_client``'s ``iter_events``; ends after ``Completed``."""
+        ``fal_client``'s ``iter_events``; ends after ``Completed``. As with fal's ``logs=1``,
+        each event's ``logs`` holds every line so far, not only the new ones."""
         last: Status | None = None
         logs_seen = 0
+        logs: list[dict[str, Any]] = []
         async for job in self.watch(ref, timeout=timeout):
-            new_logs: list[dict[str, Any]] | None = None
+            new_lines = False
             if with_logs:
                 lines = await self._db(self.store.logs, job.id, after=logs_seen)
                 if lines:
                     logs_seen = lines[-1][0]
-                new_logs = [dict(entry) for _, entry in lines]
-            event = _status_of(job, new_logs)
-            if event is None or (event == last and not new_logs):
+                    logs.extend(dict(entry) for _, entry in lines)
+                    new_lines = True
+            event = _status_of(job, list(logs) if with_logs else None)
+            if event is None or (event == last and not new_lines):
                 continue
             last = event
             yield event
+
+    async def current_status(self, ref: str, *, with_logs: bool = False) -> Status:
+        """The job's status now, as fal_client's ``status(with_logs=)`` gives it (logs: every
+        line so far). Polls the provider first when the job is due and nobody else polls."""
+        job = await self._poll_if_due(await self.status(ref))
+        logs = None
+        if with_logs:
+            logs = [dict(entry) for _, entry in await self._db(self.store.logs, job.id)]
+        event = _status_of(job, logs)
+        return event if event is not None else Queued(position=None)
+
+    async def _poll_if_due(self, job: Job) -> Job:
+        """Poll ``job`` once if it is due and nobody holds it, as ``jobs serve`` would."""
+        if job.terminal or job.request_id is None:
+            return job
+        claimed = await self._db(
+            self.store.claim_job,
+            job.id,
+            self.owner,
+            lease_seconds=WAIT_LEASE,
+            dead_owner=dead_local_owner(job.lease_owner),
+        )
+        return job if claimed is None else await self.refresh(claimed)
 
     async def iter_logs(
         self, ref: str, *, follow: bool = False, timeout: float | None = None
@@ -610,6 +636,7 @@ class AsyncJobManager:
         """Submit and wait for the result, calling ``on_enqueue(request_id)`` and
         ``on_queue_update(status)`` like ``fal_client.subscribe``. Durable: pass ``job_id``
         (or an ``idempotency_key``) to resume an interrupted call without submitting again."""
+        job: Job
         if job_id is None:
             job = await self.submit(application, arguments or {}, **submit_options)
         else:
@@ -620,6 +647,94 @@ class AsyncJobManager:
             if on_queue_update is not None:
                 await _maybe_await(on_queue_update(event))
         return await self.result(job.id)
+
+    async def run(
+        self,
+        application: str,
+        arguments: Mapping[str, Any],
+        *,
+        timeout: float | None = None,
+        **submit_options: Any,
+    ) -> Any:
+        """Submit through the queue and wait for the result (fal_client's ``run`` calls the
+        direct host instead: nothing would be kept). Re-run with the same
+        ``idempotency_key`` after an interruption, and the job is resumed, not paid twice."""
+        job = await self.submit(application, arguments, **submit_options)
+        return await self.result(job.id, wait=True, timeout=timeout)
+
+    async def get_handle(self, application: str, request_id: str) -> AsyncJobHandle:
+        """A handle on a request by its id: ours, or one made elsewhere (adopted, as
+        :meth:`track` does)."""
+        job = await self.track(application, request_id)
+        return AsyncJobHandle.of(job, self)
+
+    async def stream(
+        self,
+        application: str,
+        arguments: Mapping[str, Any],
+        *,
+        path: str = "/stream",
+        timeout: float | None = None,
+        labels: Mapping[str, str] | None = None,
+        batch: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Yield each event of fal's streaming endpoint as fal_client's ``stream`` does, and
+        record the call as a job: each event is a job event, the last one its result. A
+        stream that breaks (or is abandoned) leaves the job failed; fal keeps nothing of a
+        stream, so it cannot be resumed."""
+        if self._stream is None:
+            from .providers import create_stream
+
+            self._stream = create_stream(self.settings)
+        streamer = self._stream
+        streamer.check(application, arguments, path)
+        new = NewJob(
+            application=application,
+            arguments=dict(arguments),
+            provider="fal",
+            path=path,
+            labels=dict(labels or {}),
+            batch=batch,
+            idempotency_key=idempotency_key,
+        )
+        job, created = await self._db(self.store.create_job, new)
+        if not created:
+            raise JobsError(
+                f"idempotency key {idempotency_key!r} already names job {job.id}; "
+                "a stream cannot be replayed (`jobsctl show` has its events)"
+            )
+        started = Observation(state=State.IN_PROGRESS, source="stream")
+        await self._db(self.store.apply, job.id, started)
+        last: dict[str, Any] | None = None
+        outcome: Observation | None = None
+        try:
+            async for event in streamer.events(application, arguments, path=path, timeout=timeout):
+                await self._db(self.store.record_event, job.id, "stream_event", detail=event)
+                last = event
+                yield event
+            outcome = Observation(state=State.SUCCEEDED, result=last, source="stream")
+        except ProviderError as exc:
+            outcome = Observation(
+                state=State.FAILED,
+                error=_error_of(exc),
+                failure_reason=FailureReason.REMOTE_ERROR,
+                source="stream",
+            )
+            raise
+        finally:
+            if outcome is None:
+                error = {
+                    "type": "stream_abandoned",
+                    "message": "the stream was not read to its end",
+                }
+                outcome = Observation(
+                    state=State.FAILED,
+                    error=error,
+                    failure_reason=FailureReason.REMOTE_ERROR,
+                    source="stream",
+                )
+            await asyncio.shield(self._db(self.store.apply, job.id, outcome))
 
     async def cancel(self, ref: str, *, wait: float = 10.0) -> Job:
         """Ask the provider to cancel; return the job once the outcome is known (or after
@@ -696,11 +811,17 @@ class _Portal:
         async def step() -> T:
             return await agen.__anext__()
 
-        while True:
-            try:
-                yield self.call(step())
-            except StopAsyncIteration:
-                return
+        try:
+            while True:
+                try:
+                    yield self.call(step())
+                except StopAsyncIteration:
+                    return
+        finally:
+            # a caller that stops early closes the async generator too (its finally runs)
+            aclose = getattr(agen, "aclose", None)
+            if aclose is not None:
+                self.call(aclose())
 
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -730,8 +851,26 @@ class JobManager:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def submit(self, application: str, arguments: Mapping[str, Any], **options: Any) -> Job:
-        return self._portal.call(self._async.submit(application, arguments, **options))
+    def submit(
+        self, application: str, arguments: Mapping[str, Any], **options: Any
+    ) -> SyncJobHandle:
+        job = self._portal.call(self._async.submit(application, arguments, **options))
+        return SyncJobHandle.of(job, self)
+
+    def current_status(self, ref: str, *, with_logs: bool = False) -> Status:
+        return self._portal.call(self._async.current_status(ref, with_logs=with_logs))
+
+    def run(self, application: str, arguments: Mapping[str, Any], **options: Any) -> Any:
+        return self._portal.call(self._async.run(application, arguments, **options))
+
+    def get_handle(self, application: str, request_id: str) -> SyncJobHandle:
+        job = self._portal.call(self._async.get_handle(application, request_id))
+        return SyncJobHandle.of(job, self)
+
+    def stream(
+        self, application: str, arguments: Mapping[str, Any], **options: Any
+    ) -> Iterator[dict[str, Any]]:
+        return self._portal.iterate(self._async.stream(application, arguments, **options))
 
     def status(self, ref: str) -> Job:
         return self._portal.call(self._async.status(ref))

@@ -38,11 +38,13 @@ import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ConfigError, ProviderProtocolError, ProviderRejected, UploadError
-from .providers.fal_cdn import FalCdn, MultipartRef
 from .store import NewUpload, Store, UploadRecord, iso
+
+if TYPE_CHECKING:
+    from .providers.fal_cdn import FalCdn
 
 MIB = 1024 * 1024
 MULTIPART_THRESHOLD = 100 * MIB  # larger files go in parts (as fal_client does)
@@ -342,6 +344,8 @@ class Uploader:
     async def _send_parts(
         self, source: _Source, new: NewUpload, record: UploadRecord, done: Mapping[int, str]
     ) -> Uploaded:
+        from .providers.fal_cdn import MultipartRef
+
         assert record.access_url is not None and record.multipart_id is not None
         ref = MultipartRef(access_url=record.access_url, upload_id=record.multipart_id)
         count = max(1, math.ceil(source.size / self.part_size))

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from ..config import Settings
     from .base import Provider
     from .fal_cdn import FalCdn
+    from .fal_stream import FalStream
 
 NAMES = ("fal",)
 
@@ -49,4 +50,19 @@ def create_cdn(settings: Settings) -> FalCdn:
         rest_url=settings.fal_rest_url,
         key=settings.fal_key,
         client=make_client(max_connections=32, timeout=timeout),
+    )
+
+
+def create_stream(settings: Settings) -> FalStream:
+    """fal's streaming endpoint client, configured from ``settings``."""
+    import httpx
+
+    from .fal_stream import FalStream
+    from .http import make_client
+
+    # no read timeout by default: a stream may pause for as long as its model thinks
+    return FalStream(
+        run_url=settings.fal_run_url,
+        key=settings.fal_key,
+        client=make_client(max_connections=16, timeout=httpx.Timeout(None, connect=10.0)),
     )
