@@ -840,6 +840,35 @@ class JobManager:
     def store(self) -> Store:
         return self._async.store
 
+    @property
+    def async_manager(self) -> AsyncJobManager:
+        """The :class:`AsyncJobManager` behind this one. It lives on this manager's private
+        event loop: from another loop, run its coroutines through :meth:`bridge`."""
+        return self._async
+
+    async def bridge(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Await, from any event loop, a coroutine of :attr:`async_manager` run on its own
+        loop (its HTTP clients belong to that loop, which outlives ``asyncio.run`` calls)."""
+        future = asyncio.run_coroutine_threadsafe(coro, self._portal.loop)
+        return await asyncio.wrap_future(future)
+
+    async def bridge_iter(self, agen: AsyncIterator[T]) -> AsyncIterator[T]:
+        """:meth:`bridge` for an async iterator of :attr:`async_manager`."""
+
+        async def step() -> T:
+            return await agen.__anext__()
+
+        try:
+            while True:
+                try:
+                    yield await self.bridge(step())
+                except StopAsyncIteration:
+                    return
+        finally:
+            aclose = getattr(agen, "aclose", None)
+            if aclose is not None:
+                await self.bridge(aclose())
+
     def close(self) -> None:
         self._portal.call(self._async.aclose())
         self._portal.close()

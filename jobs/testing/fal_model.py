@@ -408,6 +408,9 @@ class FakeRequest:
         prompt = data.get("prompt")
         result: dict[str, Any] = {"images": images, "seed": seed, "prompt": prompt}
         result["input"] = self.input
+        audio = data.get("audio_url")
+        if isinstance(audio, str):  # speech-to-text endpoints answer a transcript
+            result["text"] = f"transcript of {audio[:64]}"
         if padding > 0:
             result["padding"] = "x" * padding
         return result
