@@ -352,8 +352,7 @@ async def wait_batch(
 
 
 def describe_counts(counts: Mapping[State, int]) -> str:
-    names = {State.IN_PROGRESS: "running"}
-    shown = [f"{names.get(s, s.value)} {n}" for s, n in counts.items() if n]
+    shown = [f"{s.value} {n}" for s, n in counts.items() if n]
     return " · ".join(shown) or "no jobs"
 
 

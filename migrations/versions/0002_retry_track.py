@@ -19,16 +19,17 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("jobs") as batch:
-        batch.add_column(sa.Column("retry_of", sa.String(length=32), nullable=True))
-        batch.add_column(
-            sa.Column("tracked", sa.Boolean(), nullable=False, server_default=sa.false())
-        )
-        batch.create_index(op.f("ix_jobs_retry_of"), ["retry_of"], unique=False)
+    # Plain ADD COLUMN (no batch copy): SQLite does it in place, and `alembic upgrade --sql`
+    # can render it offline.
+    op.add_column("jobs", sa.Column("retry_of", sa.String(length=32), nullable=True))
+    op.add_column(
+        "jobs", sa.Column("tracked", sa.Boolean(), nullable=False, server_default=sa.false())
+    )
+    op.create_index(op.f("ix_jobs_retry_of"), "jobs", ["retry_of"], unique=False)
 
 
 def downgrade() -> None:
+    op.drop_index(op.f("ix_jobs_retry_of"), table_name="jobs")
     with op.batch_alter_table("jobs") as batch:
-        batch.drop_index(op.f("ix_jobs_retry_of"))
         batch.drop_column("tracked")
         batch.drop_column("retry_of")
