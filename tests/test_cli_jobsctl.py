@@ -158,8 +158,9 @@ def test_a_tracked_job_is_never_sent(
     """Whatever happens to it, nobody POSTs a tracked job's (unknown) input."""
     import asyncio
 
-    from jobs.poller import Poller
     from support.managers import local_settings, open_manager
+
+    from jobs.poller import Poller
 
     request_id = ok(env, "submit", APP, "--input", '{"prompt": "x"}')["request_id"]
     sends = fal.fake.stats.submit_attempts

@@ -17,8 +17,8 @@ from support.managers import local_settings, open_manager
 
 from jobs import AsyncJobManager, JobFailed, State
 from jobs.backoff import PollPolicy
-from jobs.providers.base import Observation, RemoteRef, Submitted
 from jobs.durations import parse_duration
+from jobs.providers.base import Observation, RemoteRef, Submitted
 from jobs.results import (
     DownloadError,
     FileCache,
