@@ -9,6 +9,8 @@ Example::
     print(jm.result(job.id, wait=True))
 """
 
+__version__ = "0.2.0"
+
 from .config import Settings
 from .errors import (
     CancelTooLate,
@@ -49,6 +51,7 @@ __all__ = [
     "SyncJobHandle",
     "Uploaded",
     "WaitTimeout",
+    "__version__",
     "encode",
     "encode_file",
     "encode_image",

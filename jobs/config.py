@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .durations import parse_lifetime
 from .errors import ConfigError
 
 DEFAULT_DATABASE_URL = "sqlite:///jobs.db"
@@ -101,6 +102,10 @@ class Settings:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        try:
+            parse_lifetime(self.upload_ttl)
+        except ValueError as exc:
+            raise ConfigError(f"JOBS_UPLOAD_TTL: {exc}") from None
         if self.ambiguous_policy not in {"resubmit", "fail"}:
             raise ConfigError(
                 f"JOBS_AMBIGUOUS_POLICY must be 'resubmit' or 'fail', not {self.ambiguous_policy!r}"

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .durations import parse_lifetime
 from .errors import ConfigError, ProviderProtocolError, ProviderRejected, UploadError
 from .store import NewUpload, Store, UploadRecord, iso
 
@@ -55,26 +56,15 @@ HASH_CHUNK = 4 * MIB
 ZIP_TIMESTAMP = (1980, 1, 1, 0, 0, 0)  # the earliest a zip can say: no clock in the bytes
 ZIP_MODE = 0o100644 << 16  # a plain readable file, whatever the local permissions
 OCTET_STREAM = "application/octet-stream"
-_NAMED_TTLS = {"never": None, "immediate": 60}
 
 
 def parse_ttl(text: str) -> int | None:
     """Seconds in a ``JOBS_UPLOAD_TTL`` value (``never`` → None): ``90``, ``90s``, ``1h``,
     ``30d``, ``immediate`` (about a minute, as fal_client names it)."""
-    from .results import parse_duration
-
-    value = text.strip().lower()
-    if value in _NAMED_TTLS:
-        return _NAMED_TTLS[value]
     try:
-        seconds = int(value) if value.isdigit() else int(parse_duration(value))
-    except ValueError:
-        raise ConfigError(
-            f"JOBS_UPLOAD_TTL must be 'never' or a duration like 90s, 1h or 30d, not {text!r}"
-        ) from None
-    if seconds <= 0:
-        raise ConfigError(f"JOBS_UPLOAD_TTL must be longer than 0 seconds, not {text!r}")
-    return seconds
+        return parse_lifetime(text)
+    except ValueError as exc:
+        raise ConfigError(f"JOBS_UPLOAD_TTL: {exc}") from None
 
 
 @dataclass(frozen=True)

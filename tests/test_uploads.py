@@ -17,7 +17,7 @@ import pytest
 from support.managers import local_settings, open_manager
 
 from jobs import AsyncJobManager
-from jobs.config import Secret
+from jobs.config import Secret, Settings
 from jobs.errors import ConfigError, ProviderRejected, UploadError
 from jobs.migrate import upgrade
 from jobs.providers.fal_cdn import FalCdn
@@ -237,6 +237,8 @@ def test_bad_ttl() -> None:
     assert parse_ttl("30d") == THIRTY_DAYS and parse_ttl("90") == 90 and parse_ttl("never") is None
     with pytest.raises(ConfigError, match="JOBS_UPLOAD_TTL"):
         parse_ttl("soon")
+    with pytest.raises(ConfigError, match="JOBS_UPLOAD_TTL"):
+        Settings.from_env({"JOBS_UPLOAD_TTL": "0s"})
 
 
 def test_encode(tmp_path: Path) -> None:
@@ -249,7 +251,7 @@ def test_encode(tmp_path: Path) -> None:
 RESUME_SCRIPT = """
 import asyncio, sys
 import httpx
-from jobs.config import Secret
+from jobs.config import Secret, Settings
 from jobs.providers.fal_cdn import FalCdn
 from jobs.store import Store
 from jobs.uploads import Uploader

@@ -1,7 +1,7 @@
 """uploads: files sent to fal's CDN, content-addressed and resumable
 
-Revision ID: 0002_uploads
-Revises: 0001_initial
+Revision ID: 0003_uploads
+Revises: 0002_retry_track
 
 The uploads and upload_parts tables of jobs/db.py (see jobs/uploads.py). The CHECK list of
 upload states is spelled out here, as in 0001, so this revision stays what it was.
@@ -13,8 +13,8 @@ import sqlalchemy as sa
 from alembic import op
 
 # revision identifiers, used by Alembic.
-revision: str = "0002_uploads"
-down_revision: str | Sequence[str] | None = "0001_initial"
+revision: str = "0003_uploads"
+down_revision: str | Sequence[str] | None = "0002_retry_track"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
