@@ -5,6 +5,7 @@ they call for different actions: fix the input, or wait and retry.
 
     JobsError
     ├── ConfigError                 missing FAL_KEY, an unusable database URL, bad settings
+    │   └── UploadError             a file to upload is missing, unreadable or too large
     ├── JobNotFound                 no job with that id, prefix, request_id or idempotency key
     ├── AmbiguousJobRef             a prefix that names more than one job
     ├── NotRetryable                retry asked for a job that cannot be sent again
@@ -12,7 +13,6 @@ they call for different actions: fix the input, or wait and retry.
     ├── WaitTimeout                 wait(timeout=...) ran out; the job goes on
     ├── JobFailed                   the job ended failed or cancelled (carries the error)
     ├── CancelTooLate               the job finished before the cancel reached it
-    ├── UploadError                 a file to upload is missing, unreadable or too large
     └── ProviderError               anything the remote queue API did
         ├── ProviderRejected        the provider answered no (4xx): not retried
         ├── ProviderUnavailable     timeouts, connection errors, 5xx, 429 after all retries
@@ -94,7 +94,7 @@ class CancelTooLate(JobsError):
         self.state = state
 
 
-class UploadError(JobsError):
+class UploadError(ConfigError):
     """A file cannot be uploaded as given (nothing was sent or recorded)."""
 
 

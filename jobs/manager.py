@@ -382,6 +382,14 @@ class AsyncJobManager:
         """Upload a Pillow image as ``image/<format>``, once."""
         return await self.uploader.upload_image(image, format)
 
+    async def upload_inputs(
+        self, arguments: Mapping[str, Any], files: Sequence[tuple[str, str | os.PathLike[str]]]
+    ) -> tuple[dict[str, Any], list[Uploaded]]:
+        """``arguments`` with each ``(dotted key, path)`` of ``files`` set to the path's URL,
+        uploading or reusing it (``jobsctl submit|run --file KEY=PATH``). Every path is
+        checked before the first upload; nothing is submitted here."""
+        return await self.uploader.upload_inputs(arguments, files)
+
     # --- status, polling and applying ----------------------------------------------------
 
     async def status(self, ref: str, *, refresh: bool = False) -> Job:

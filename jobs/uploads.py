@@ -35,7 +35,7 @@ import shutil
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -218,6 +218,44 @@ def encode_image(image: Any, format: str = "jpeg") -> str:
     return encode(*image_bytes(image, format))
 
 
+def parse_file_option(text: str) -> tuple[str, str]:
+    """``KEY=PATH`` (``--file``) as ``(KEY, PATH)``; KEY may be dotted (``images.0.url``
+    is not: only objects are walked)."""
+    key, sep, path = text.partition("=")
+    key = key.strip()
+    if not sep or not key or not path or any(not part for part in key.split(".")):
+        raise UploadError(f"--file takes KEY=PATH (KEY may be dotted, e.g. a.b), not {text!r}")
+    return key, path
+
+
+def set_key(arguments: Mapping[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """A copy of ``arguments`` with dotted ``key`` set to ``value`` (objects made on the way;
+    the original is left as it was)."""
+    parts = key.split(".")
+    result = dict(arguments)
+    node = result
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part, {})
+        if not isinstance(child, Mapping):
+            where = ".".join(parts[: depth + 1])
+            raise UploadError(f"cannot set {key}: {where} is not an object in the input")
+        node[part] = dict(child)
+        node = node[part]
+    node[parts[-1]] = value
+    return result
+
+
+def check_path(path: str | os.PathLike[str]) -> None:
+    """Refuse, before anything is uploaded, a path that cannot be: missing, unreadable, or a
+    folder without files."""
+    given = Path(path)
+    if given.is_dir():
+        if not any(True for _ in _folder_files(given)):
+            raise UploadError(f"cannot upload {str(given)!r}: the folder has no files")
+        return
+    _readable_file(given)
+
+
 class Uploader:
     """Uploads through one :class:`FalCdn`, recording every upload in the store."""
 
@@ -264,6 +302,22 @@ class Uploader:
         size = await asyncio.to_thread(_readable_file, given)
         kind = content_type or guess_content_type(given)
         return await self._upload(_File(given, size), kind, given.name)
+
+    async def upload_inputs(
+        self, arguments: Mapping[str, Any], files: Sequence[tuple[str, str | os.PathLike[str]]]
+    ) -> tuple[dict[str, Any], list[Uploaded]]:
+        """``arguments`` with each dotted key of ``files`` set to its file's URL (uploaded or
+        reused). Every path is checked before the first upload, so a bad one sends nothing."""
+        for key, path in files:
+            set_key(arguments, key, None)
+            await asyncio.to_thread(check_path, path)
+        result = dict(arguments)
+        done = []
+        for key, path in files:
+            uploaded = await self.upload_file(path)
+            result = set_key(result, key, uploaded.url)
+            done.append(uploaded)
+        return result, done
 
     async def upload_image(self, image: Any, format: str = "jpeg") -> Uploaded:
         """Upload a Pillow image as ``image/<format>`` (no file name, as fal_client)."""

@@ -22,8 +22,15 @@ from jobs.errors import ConfigError, ProviderRejected, UploadError
 from jobs.migrate import upgrade
 from jobs.providers.fal_cdn import FalCdn
 from jobs.store import Store
-from jobs.testing import FakeFalConfig, FakeFalServer
-from jobs.uploads import Uploader, encode, encode_file, parse_ttl, zip_folder
+from jobs.testing import FakeFal, FakeFalConfig, FakeFalServer
+from jobs.uploads import (
+    Uploader,
+    encode,
+    encode_file,
+    parse_file_option,
+    parse_ttl,
+    zip_folder,
+)
 
 KEY = "test-key"
 THIRTY_DAYS = 30 * 86400
@@ -315,3 +322,69 @@ async def test_killed_upload_resumes_with_missing_parts_only(
     stored = fal.fake.cdn.file(resumed.url)
     assert stored is not None and hashlib.sha256(stored.content).hexdigest() == digest
     assert resumed.sha256 == digest and again.reused and again.url == resumed.url
+
+
+async def test_upload_inputs_sets_dotted_keys(
+    tmp_path: Path, jm: AsyncJobManager, fal: FakeFalServer
+) -> None:
+    image = tmp_path / "cat.png"
+    image.write_bytes(b"cat")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "1.jpg").write_bytes(b"one")
+    arguments = {"prompt": "p", "training": {"steps": 10}}
+    files = [("image_url", str(image)), ("training.images_data_url", str(photos))]
+    updated, uploaded = await jm.upload_inputs(arguments, files)
+    assert updated["image_url"] == uploaded[0].url
+    assert updated["training"] == {"steps": 10, "images_data_url": uploaded[1].url}
+    assert arguments == {"prompt": "p", "training": {"steps": 10}}  # the caller's is untouched
+    again, reused = await jm.upload_inputs(arguments, files)
+    assert again == updated and all(u.reused for u in reused)
+    assert fal.fake.stats.cdn_uploads == 2
+
+
+async def test_upload_inputs_checks_every_path_first(
+    tmp_path: Path, jm: AsyncJobManager, fal: FakeFalServer
+) -> None:
+    good = tmp_path / "good.png"
+    good.write_bytes(b"good")
+    with pytest.raises(UploadError, match="does not exist"):
+        await jm.upload_inputs({}, [("a", str(good)), ("b", str(tmp_path / "missing.png"))])
+    with pytest.raises(UploadError, match="prompt is not an object"):
+        await jm.upload_inputs({"prompt": "x"}, [("prompt.url", str(good))])
+    assert _uploads(jm) == [] and fal.fake.stats.cdn_tokens == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [("image_url=cat.png", ("image_url", "cat.png")), ("a.b=x=y.png", ("a.b", "x=y.png"))],
+)
+def test_parse_file_option(text: str, parsed: tuple[str, str]) -> None:
+    assert parse_file_option(text) == parsed
+
+
+@pytest.mark.parametrize("text", ["cat.png", "=cat.png", "a..b=x", "key="])
+def test_parse_file_option_refuses(text: str) -> None:
+    with pytest.raises(UploadError, match="KEY=PATH"):
+        parse_file_option(text)
+
+
+async def test_token_dead_early_is_refreshed_once() -> None:
+    """The CDN's clock says the token expired while ours says it lives: a 401, a new token,
+    the upload goes through."""
+    cdn_now = [1_000_000.0]
+    fake = FakeFal(FakeFalConfig(key=KEY, cdn_token_ttl=3600), wall_clock=lambda: cdn_now[0])
+    transport = httpx.ASGITransport(app=fake)
+    async with httpx.AsyncClient(transport=transport, base_url="http://cdn.test") as http:
+        ours = [1_000_000.0]
+        cdn = FalCdn(
+            rest_url="http://cdn.test", key=Secret(KEY), client=http, clock=lambda: ours[0]
+        )
+        await cdn.upload(b"one", content_type="text/plain", file_name=None, lifetime_seconds=None)
+        cdn_now[0] += 7200  # expired at the CDN only
+        url = await cdn.upload(
+            b"two", content_type="text/plain", file_name=None, lifetime_seconds=None
+        )
+    stored = fake.cdn.file(url)
+    assert stored is not None and stored.content == b"two"
+    assert fake.stats.cdn_tokens == 2 and fake.stats.cdn_uploads == 2
