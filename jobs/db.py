@@ -94,6 +94,8 @@ jobs = Table(
     Column("cancel_requested_at", Double),
     Column("retry_of", String(32)),
     Column("tracked", Boolean, nullable=False, default=False, server_default=false()),
+    # seconds fal may take to start the request (X-Fal-Request-Timeout), sent on every attempt
+    Column("start_timeout", Double),
     CheckConstraint(_in_list("state", STATE_VALUES), name="state"),
     CheckConstraint(
         "failure_reason IS NULL OR " + _in_list("failure_reason", FAILURE_VALUES),

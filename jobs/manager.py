@@ -196,6 +196,7 @@ class AsyncJobManager:
         idempotency_key: str | None = None,
         webhook: bool = True,
         download: bool | None = None,
+        start_timeout: float | None = None,
     ) -> AsyncJobHandle:
         """Record the job, then send it. With an ``idempotency_key`` already used, return that
         job and send nothing (unless it provably never reached the queue: then send it now).
@@ -213,6 +214,7 @@ class AsyncJobManager:
             idempotency_key=idempotency_key,
             webhook=webhook,
             download=download,
+            start_timeout=start_timeout,
         )
         job, created = await self._db(self.store.create_job, new)
         if not _needs_send(job, created):
@@ -233,12 +235,18 @@ class AsyncJobManager:
         idempotency_key: str | None = None,
         webhook: bool = True,
         download: bool | None = None,
+        start_timeout: float | None = None,
     ) -> NewJob:
         """The row :meth:`submit` records, once the provider has checked the request
         (``ConfigError`` for one that cannot be sent: no credentials, a bad application id)."""
         provider = self.provider("fal")
         request = SubmitRequest(
-            application=application, arguments=arguments, path=path, priority=priority, hint=hint
+            application=application,
+            arguments=arguments,
+            path=path,
+            priority=priority,
+            hint=hint,
+            start_timeout=start_timeout,
         )
         provider.check(request)
         return NewJob(
@@ -254,6 +262,7 @@ class AsyncJobManager:
             idempotency_key=idempotency_key,
             webhook=webhook and self.settings.public_url is not None,
             download_files=self.settings.cache_files if download is None else download,
+            start_timeout=start_timeout,
         )
 
     async def record_many(self, jobs: Sequence[NewJob]) -> list[tuple[Job, bool]]:
@@ -279,6 +288,7 @@ class AsyncJobManager:
             priority=job.priority,
             hint=job.hint,
             webhook_url=self._webhook_url(job) if job.webhook else None,
+            start_timeout=job.start_timeout,
         )
         try:
             submitted = await provider.submit(request)
@@ -348,6 +358,7 @@ class AsyncJobManager:
             batch_index=old.batch_index,
             idempotency_key=f"retry:{old.id}",
             download=old.download_files,
+            start_timeout=old.start_timeout,
         )
         new = dataclasses.replace(new, retry_of=old.id)
         job, created = await self._db(self.store.create_retry, old, new)

@@ -121,6 +121,7 @@ class Job:
     cancel_requested_at: float | None
     retry_of: str | None
     tracked: bool
+    start_timeout: float | None
 
     @classmethod
     def from_row(cls, row: Row[Any] | Mapping[str, Any]) -> Job:
@@ -212,6 +213,7 @@ class NewJob:
     webhook: bool = False
     download_files: bool = False
     retry_of: str | None = None
+    start_timeout: float | None = None
 
 
 @dataclass(frozen=True)
@@ -1453,6 +1455,7 @@ def _new_job_values(new: NewJob, job_id: str, now: float) -> dict[str, Any]:
         "webhook": new.webhook,
         "download_files": new.download_files,
         "retry_of": new.retry_of,
+        "start_timeout": new.start_timeout,
         "attempts": 0,
         "polls": 0,
         "created_at": now,

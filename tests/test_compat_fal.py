@@ -16,6 +16,7 @@ import pytest
 
 import jobs.compat.fal as fal_client
 from jobs.compat.fal.auth import MissingCredentialsError
+from jobs.errors import ConfigError
 from jobs.testing import FakeFalConfig, FakeFalServer
 
 KEY = "compat-key"
@@ -261,11 +262,20 @@ def test_status_result_cancel_by_request_id_adopt(
 
 
 def test_client_timeout_cancels(client: fal_client.SyncClient, fal: FakeFalServer) -> None:
-    with pytest.raises(fal_client.FalClientTimeoutError) as error:
+    # a start timeout longer than the client's, so the client gives up first (fal_client
+    # warns about exactly that)
+    with (
+        pytest.raises(fal_client.FalClientTimeoutError) as error,
+        pytest.warns(UserWarning, match="larger than client_timeout"),
+    ):
         client.subscribe(
-            "fal-ai/flux/dev", {"_fake": {"queue_time": 30}}, client_timeout=0.5, interval=0.05
+            "fal-ai/flux/dev",
+            {"_fake": {"queue_time": 30}},
+            client_timeout=1.5,
+            start_timeout=60,
+            interval=0.05,
         )
-    assert error.value.request_id and error.value.timeout == 0.5
+    assert error.value.request_id and error.value.timeout == 1.5
     assert isinstance(error.value, TimeoutError)
     assert fal.fake.stats.cancels == 1
 
@@ -332,3 +342,18 @@ async def test_async_client(env: Path, fal: FakeFalServer) -> None:
         assert result["prompt"] == "sub" and isinstance(updates[-1], fal_client.Completed)
     finally:
         client.close()
+
+
+def test_start_timeout_is_sent_and_kept(client: fal_client.SyncClient, fal: FakeFalServer) -> None:
+    handle = client.submit("fal-ai/flux/dev", {"prompt": "t"}, start_timeout=30)
+    request = fal.fake.get_request(handle.request_id)
+    assert request is not None and request.fal_headers["x-fal-request-timeout"] == "30.0"
+    assert handle.job.start_timeout == 30
+    # fal ends a request that could not start in time with 504 (timeout type "user")
+    with pytest.raises(fal_client.FalClientHTTPError) as error:
+        client.subscribe("fal-ai/flux/dev", {"_fake": {"queue_time": 30}}, start_timeout=1.5)
+    assert error.value.status_code == 504
+    with pytest.raises(ConfigError, match="more than 1 second"):
+        client.submit("fal-ai/flux/dev", {}, start_timeout=1)
+    with pytest.warns(UserWarning, match="larger than client_timeout"):
+        client.subscribe("fal-ai/flux/dev", {"prompt": "w"}, start_timeout=60, client_timeout=30)

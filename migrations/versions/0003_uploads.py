@@ -1,10 +1,12 @@
-"""uploads: files sent to fal's CDN, content-addressed and resumable
+"""uploads: files sent to fal's CDN, content-addressed and resumable; jobs.start_timeout
 
 Revision ID: 0003_uploads
 Revises: 0002_retry_track
 
-The uploads and upload_parts tables of jobs/db.py (see jobs/uploads.py). The CHECK list of
-upload states is spelled out here, as in 0001, so this revision stays what it was.
+The uploads and upload_parts tables of jobs/db.py (see jobs/uploads.py), and the start
+timeout a job asks of fal (sent again with every attempt, so it is kept with the job). The
+CHECK list of upload states is spelled out here, as in 0001, so this revision stays what it
+was.
 """
 
 from collections.abc import Sequence
@@ -20,6 +22,8 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    # Plain ADD COLUMN (no batch copy), as 0002: SQLite does it in place.
+    op.add_column("jobs", sa.Column("start_timeout", sa.Double(), nullable=True))
     op.create_table(
         "uploads",
         sa.Column("id", sa.String(length=32), nullable=False),
@@ -65,3 +69,5 @@ def downgrade() -> None:
     op.drop_table("upload_parts")
     op.drop_index(op.f("ix_uploads_sha256_content_type"), table_name="uploads")
     op.drop_table("uploads")
+    with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("start_timeout")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -193,14 +194,31 @@ def _submit_options(
             "jobs.compat.fal does not forward webhook_url: jobs receives fal's webhooks itself "
             "(set JOBS_PUBLIC_URL and run `jobsctl serve`)"
         )
-    if start_timeout is not None:
-        raise FalClientError("start_timeout is not supported by jobs.compat.fal yet")
     return {
+        "start_timeout": start_timeout,
         "path": path or None,
         "hint": hint if hint is not None else lowered.get(_HINT_HEADER),
         "priority": priority if priority is not None else lowered.get(_PRIORITY_HEADER),
         **extra,
     }
+
+
+def _start_timeout(start_timeout: float | None, client_timeout: float | None) -> float | None:
+    """fal_client's rule: without a start timeout, the client timeout is also the start
+    timeout; a larger start timeout than client timeout only earns a warning."""
+    if client_timeout is None:
+        return start_timeout
+    if start_timeout is None:
+        return client_timeout
+    if start_timeout > client_timeout:
+        warnings.warn(
+            f"start_timeout ({start_timeout}s) is larger than client_timeout "
+            f"({client_timeout}s). The request may timeout on the client before the "
+            "server-side timeout is reached.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return start_timeout
 
 
 def _no_storage_options(repository: Any, fallback_repository: Any, lifecycle: Any) -> None:
@@ -372,7 +390,9 @@ class SyncClient:
         **extra: Any,
     ) -> Any:
         """Submit, report progress, wait for the result. ``client_timeout`` bounds the wait:
-        then the request is cancelled (best effort) and ``FalClientTimeoutError`` raised."""
+        then the request is cancelled (best effort) and ``FalClientTimeoutError`` raised;
+        it is also the ``start_timeout`` when none is given, as in fal_client."""
+        start_timeout = _start_timeout(start_timeout, client_timeout)
         handle = self.submit(
             application,
             arguments,
@@ -640,6 +660,7 @@ class AsyncClient:
         **extra: Any,
     ) -> Any:
         """Submit, report progress, wait for the result (see :meth:`SyncClient.subscribe`)."""
+        start_timeout = _start_timeout(start_timeout, client_timeout)
         handle = await self.submit(
             application,
             arguments,
