@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .durations import parse_lifetime
 from .errors import ConfigError, ProviderProtocolError, ProviderRejected, UploadError
-from .store import NewUpload, Store, UploadRecord, iso
+from .store import NewUpload, Store, UploadRecord
 
 if TYPE_CHECKING:
     from .providers.fal_cdn import FalCdn
@@ -105,7 +105,6 @@ class Uploaded:
             "size": self.size,
             "content_type": self.content_type,
             "reused": self.reused,
-            "expires_at": iso(self.expires_at),
         }
 
 

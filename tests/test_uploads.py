@@ -78,7 +78,16 @@ async def test_upload_bytes_once(jm: AsyncJobManager, fal: FakeFalServer) -> Non
     assert not other_type.reused and other_type.url != first.url
     stats = fal.fake.stats
     assert stats.cdn_uploads == 2 and stats.cdn_tokens == 1  # the token is cached
-    assert first.to_dict()["url"] == str(first) == first.url
+    assert str(first) == first.url
+    # what `jobsctl upload` prints
+    assert first.to_dict() == {
+        "url": first.url,
+        "sha256": first.sha256,
+        "size": 5,
+        "content_type": "text/plain",
+        "reused": False,
+    }
+    assert again.to_dict()["reused"] is True
 
 
 async def test_reuse_survives_a_new_process(
