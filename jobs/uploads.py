@@ -332,6 +332,9 @@ class Uploader:
         if not content_type or "\n" in content_type or "\r" in content_type:
             raise UploadError(f"content type {content_type!r} cannot be sent")
         self.cdn.check()
+        if source.size <= self.threshold:
+            # read once: the bytes hashed are the bytes sent, even if the file changes
+            source = _Bytes(await asyncio.to_thread(source.read, 0, source.size))
         sha256 = await asyncio.to_thread(_sha256, source)
         margin = REUSE_MARGIN if self.lifetime is None else min(REUSE_MARGIN, self.lifetime / 2)
         found = await asyncio.to_thread(
