@@ -1,4 +1,4 @@
-"""fal's CDN upload protocol, as fal_client 1.0 speaks it (see docs/from-fal-client.md).
+"""fal's CDN upload protocol, as fal_client 1.0 speaks it (docs/protocol.md §12).
 
 1. A token: ``POST {rest}/storage/auth/token?storage_type=fal-cdn-v3`` with the fal key
    answers ``token``, ``token_type``, ``base_url`` (the CDN) and ``expires_at``. One token
