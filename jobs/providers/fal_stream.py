@@ -1,7 +1,9 @@
-"""fal's streaming endpoint (docs/protocol.md §13): ``POST {run host}/{endpoint id}{path}`` (``path`` defaults to
-``/stream``) with the input as JSON, answered with server-sent events, each ``data:`` a JSON
-object; the last is the final output. Unlike the queue, nothing is kept at fal: a stream that
-breaks cannot be resumed or fetched again.
+"""fal's streaming endpoint (docs/protocol.md §13).
+
+``POST {run host}/{endpoint id}{path}`` (``path`` defaults to ``/stream``) with the input as
+JSON is answered with server-sent events, each ``data:`` a JSON object; the last is the final
+output. Unlike the queue, nothing is kept at fal: a stream that breaks cannot be resumed or
+fetched again.
 """
 
 from __future__ import annotations
