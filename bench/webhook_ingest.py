@@ -181,18 +181,18 @@ def start_baseline(tmp: Path, name: str) -> tuple[Proc, str]:
 
 
 def one_run(
-    key: Ed25519PrivateKey, jwks_url: str, tmp: Path, sizes: dict[str, int], run: int
+    key: Ed25519PrivateKey, jwks_url: str, tmp: Path, sizes: dict[str, int], tag: str
 ) -> dict[str, Any]:
     """Ours then the baseline, the same requests; then a light-load latency pass of each."""
     heavy, light = sizes["heavy"], sizes["light"]
-    db = tmp / f"ingest-{run}.db"
+    db = tmp / f"ingest-{tag}.db"
     pairs = [(str(uuid.uuid4()), "http://127.0.0.1:9") for _ in range(heavy + light)]
     jobs = seed_jobs(sqlite_url(db), pairs, next_poll_at=time.time() + 3600, webhook=True)
-    heavy_file, light_file = tmp / f"heavy-{run}.txt", tmp / f"light-{run}.txt"
+    heavy_file, light_file = tmp / f"heavy-{tag}.txt", tmp / f"light-{tag}.txt"
     write_requests(key, jobs[:heavy], heavy_file)
     write_requests(key, jobs[heavy:], light_file)
     env = serve_env(sqlite_url(db), "http://127.0.0.1:9", jwks_url)
-    serve = start_serve(tmp, env, name=f"serve-ingest-{run}")
+    serve = start_serve(tmp, env, name=f"serve-ingest-{tag}")
     try:
         cpu0 = serve.proc.cpu_seconds()
         ours = wrk(serve.url, heavy_file, 64, sizes["seconds"])
@@ -205,7 +205,7 @@ def one_run(
     url = sqlite_url(db)
     stored = db_scalar(url, "SELECT count(*) FROM results")
     succeeded = db_scalar(url, "SELECT count(*) FROM jobs WHERE state = 'succeeded'")
-    proc, base_url = start_baseline(tmp, f"baseline-{run}")
+    proc, base_url = start_baseline(tmp, f"baseline-{tag}")
     try:
         cpu0 = proc.cpu_seconds()
         base = wrk(base_url, heavy_file, 64, sizes["seconds"], wrap=True)
@@ -243,11 +243,11 @@ def sized_run(
     faster machine sends them all before the time is up."""
     for _ in range(MAX_GROWTH):
         try:
-            return one_run(key, jwks_url, tmp, sizes, run)
+            return one_run(key, jwks_url, tmp, sizes, f"{run}-{sizes['heavy']}")
         except Exhausted as exc:
             sizes["heavy"] *= 2
             say(f"ingest run {run}: {exc}; again with {sizes['heavy']} callbacks")
-    return one_run(key, jwks_url, tmp, sizes, run)
+    return one_run(key, jwks_url, tmp, sizes, f"{run}-{sizes['heavy']}")
 
 
 def run(quick: bool, runs: int | None = None) -> Result:
