@@ -142,7 +142,9 @@ class Settings:
         _check_credential("JOBS_API_TOKEN", self.api_token)
         _check_credential("REPLICATE_API_TOKEN", self.replicate_api_token)
         if self.cache_host_slots < 1:
-            raise ConfigError(f"JOBS_CACHE_HOST_SLOTS must be at least 1, not {self.cache_host_slots}")
+            raise ConfigError(
+                f"JOBS_CACHE_HOST_SLOTS must be at least 1, not {self.cache_host_slots}"
+            )
         if os.path.exists(self.cache_dir) and not os.path.isdir(self.cache_dir):
             raise ConfigError(
                 f"JOBS_CACHE_DIR {self.cache_dir!r} is a file, not a directory; "

@@ -132,6 +132,8 @@ class AsyncJobManager:
                 self.settings.cache_dir,
                 max_bytes=self.settings.cache_max_file_bytes,
                 timeout=self.settings.cache_file_timeout,
+                host_slots=self.settings.cache_host_slots,
+                allow_hosts=self.settings.cache_allow_hosts,
             )
         return self._files
 

@@ -265,6 +265,7 @@ class FileCache:
     async def _download_file(self, file: JobFile) -> None:
         # The host's slot first: a file waiting on a busy host holds no shared slot.
         async with self._host_slot(file.url), self._slots:
+            error: str | None = None
             try:
                 sha256, size, content_type = await self.download(file.url)
             except DownloadError as exc:
@@ -272,8 +273,6 @@ class FileCache:
             except Exception as exc:  # recorded, so the row never stays pending forever
                 log.exception("downloading %s failed unexpectedly", file.url)
                 error = f"internal error: {type(exc).__name__}"
-            else:
-                error = None
             if error is not None:
                 await asyncio.to_thread(
                     self.store.set_file, file.job_id, file.n, state=FAILED, error=error

@@ -236,7 +236,7 @@ async def test_failures_are_recorded_not_skipped(
 async def test_a_file_over_the_cap_fails_and_leaves_nothing(
     jm: AsyncJobManager, fal: FakeFalServer, tmp_path: Path
 ) -> None:
-    cache = FileCache(jm.store, tmp_path / "cache", max_bytes=1000)
+    cache = FileCache(jm.store, tmp_path / "cache", max_bytes=1000, allow_hosts=["127.0.0.1"])
     try:
         job = await jm._db(
             _succeeded, jm.store, {"image": _image(f"{fal.url}/_fake/files/r/0.png")}
