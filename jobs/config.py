@@ -110,6 +110,9 @@ class Settings:
     fal_queue_url: str = DEFAULT_FAL_QUEUE_URL
     fal_jwks_url: str = DEFAULT_FAL_JWKS_URL
     public_url: str | None = None
+    # More names the job API and dashboard answer to (besides localhost, IP addresses, the
+    # bind address and public_url's host): a guard against DNS rebinding.
+    allowed_hosts: tuple[str, ...] = ()
     api_token: Secret | None = None
     cache_dir: str = ".jobs-cache"
     cache_files: bool = False
@@ -165,6 +168,7 @@ class Settings:
             "fal_queue_url": (env.get("JOBS_FAL_QUEUE_URL") or DEFAULT_FAL_QUEUE_URL).rstrip("/"),
             "fal_jwks_url": env.get("JOBS_FAL_JWKS_URL") or DEFAULT_FAL_JWKS_URL,
             "public_url": (env.get("JOBS_PUBLIC_URL") or "").rstrip("/") or None,
+            "allowed_hosts": _host_list("JOBS_ALLOWED_HOSTS", env.get("JOBS_ALLOWED_HOSTS", "")),
             "api_token": _secret(env.get("JOBS_API_TOKEN")),
             "cache_dir": env.get("JOBS_CACHE_DIR") or ".jobs-cache",
             "cache_files": _bool("JOBS_CACHE_FILES", env.get("JOBS_CACHE_FILES", "")),

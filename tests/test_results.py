@@ -486,7 +486,7 @@ async def test_files_are_served_over_http(jm: AsyncJobManager, fal: FakeFalServe
     job = await jm._db(_succeeded, jm.store, result)
     app = create_app(jm, settings=jm.settings)
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://jobs") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         pending = await client.get(f"/v1/jobs/{job.id}/files/0")
         assert pending.status_code == 404  # nothing recorded yet: not asked to download
         await jm._db(jm.store.add_files, job.id, find_files(result))

@@ -147,7 +147,7 @@ async def harness(tmp_path: Path, fal: FakeFalServer, jwks: JwksCache) -> AsyncI
     manager = AsyncJobManager(settings)
     app = create_app(manager, settings=settings, jwks=jwks, body_limit=LIMIT)
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         yield Harness(manager, app, client)
     await manager.aclose()
     manager.store.close()
@@ -271,7 +271,7 @@ async def test_several_keys_any_may_sign(
             manager, settings=settings, jwks=JwksCache("https://k/jwks", jwks_client, clock=clock)
         )
         async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://testserver"
+            transport=httpx.ASGITransport(app=app), base_url="http://localhost"
         ) as client:
             h = Harness(manager, app, client)
             h.queued("req-a")

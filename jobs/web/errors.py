@@ -37,10 +37,13 @@ log = logging.getLogger(__name__)
 class InvalidRequest(Exception):
     """The request itself is wrong: 400 when it cannot be read, 422 when a field is bad."""
 
-    def __init__(self, message: str, *, status: int = 422, field: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, status: int = 422, field: str | None = None, kind: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.field = field
+        self.kind = kind or ("invalid_json" if status == 400 else "invalid_request")
 
 
 # (status, error type) by exception class; the most specific class wins (MRO order).
@@ -96,8 +99,7 @@ async def _jobs_error(request: Request, exc: Exception) -> Response:
 
 async def _invalid_request(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, InvalidRequest)
-    kind = "invalid_json" if exc.status == 400 else "invalid_request"
-    return error_response(exc.status, kind, str(exc), field=exc.field)
+    return error_response(exc.status, exc.kind, str(exc), field=exc.field)
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
