@@ -5,7 +5,8 @@ its writes fail (the store remembers the last failed write until one succeeds): 
 job can move, whatever a read says. Both stay open when an API token is set: load
 balancers and Prometheus rarely carry credentials, and neither answer holds job data.
 ``jobs_by_state`` is counted in the database at scrape time (off the event loop), so
-every replica reports the same truth; the counters come from the process-wide :data:`jobs.metrics.REGISTRY`.
+every replica reports the same truth; the counters come from the process-wide
+:data:`jobs.metrics.REGISTRY`.
 """
 
 from __future__ import annotations
