@@ -13,6 +13,7 @@ from .config import Settings
 from .errors import (
     CancelTooLate,
     ConfigError,
+    IdempotencyConflict,
     JobFailed,
     JobNotFinished,
     JobNotFound,
@@ -31,6 +32,7 @@ __all__ = [
     "Completed",
     "ConfigError",
     "FailureReason",
+    "IdempotencyConflict",
     "InProgress",
     "Job",
     "JobFailed",

@@ -31,7 +31,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, Pending
 from sqlalchemy.sql.dml import Insert
 
 from .db import create_db_engine, hide_password, job_events, job_files, job_logs, jobs, results
-from .errors import ConfigError, JobNotFound
+from .errors import ConfigError, IdempotencyConflict, JobNotFound
 from .providers.base import Observation, RemoteRef, Submitted
 from .states import ACTIVE, FailureReason, State, can_transition
 
@@ -494,7 +494,9 @@ class Store:
                     select(jobs).where(jobs.c.idempotency_key == new.idempotency_key)
                 ).first()
                 if existing is not None:
-                    return Job.from_row(existing), False
+                    job = Job.from_row(existing)
+                    _check_same_request(job, new)
+                    return job, False
             conn.execute(insert(jobs).values(**_new_job_values(new, job_id, now)))
             _event(conn, job_id, now, "created", to_state=State.SUBMITTING)
             return _get(conn, job_id), True
@@ -1211,6 +1213,26 @@ def _adopt(conn: Connection, job_id: str, request_id: str, now: float) -> Job | 
         detail={"request_id": request_id},
     )
     return _get(conn, job_id)
+
+
+def _check_same_request(job: Job, new: NewJob) -> None:
+    """:class:`IdempotencyConflict` unless ``new`` asks for what ``job`` (found by ``new``'s
+    idempotency key) asked for: the same application, path and arguments."""
+    differs = [
+        name
+        for name, before, after in (
+            ("application", job.application, new.application),
+            ("path", job.path, new.path),
+            ("arguments", _canonical(job.arguments), _canonical(new.arguments)),
+        )
+        if before != after
+    ]
+    if differs:
+        raise IdempotencyConflict(new.idempotency_key or "", job.id, differs)
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
 def _new_job_values(new: NewJob, job_id: str, now: float) -> dict[str, Any]:

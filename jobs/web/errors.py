@@ -13,6 +13,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -21,6 +22,7 @@ from starlette.types import ExceptionHandler
 from ..errors import (
     CancelTooLate,
     ConfigError,
+    IdempotencyConflict,
     JobFailed,
     JobNotFinished,
     JobNotFound,
@@ -51,6 +53,7 @@ STATUS: dict[type[Exception], tuple[int, str]] = {
     JobNotFound: (404, "not_found"),
     JobNotFinished: (409, "not_finished"),
     CancelTooLate: (409, "already_finished"),
+    IdempotencyConflict: (409, "idempotency_conflict"),
     # The result route answers failed and cancelled jobs itself; what is left is a
     # succeeded job whose cached result was removed (``jobs gc``).
     JobFailed: (410, "result_removed"),
@@ -90,6 +93,9 @@ async def _jobs_error(request: Request, exc: Exception) -> Response:
         extra["status_code"] = exc.status_code
         detail = exc.body.get("detail") if isinstance(exc.body, Mapping) else None
         extra["detail"] = detail
+    if isinstance(exc, IdempotencyConflict):
+        extra["job"] = {"id": exc.job_id}
+        extra["differs"] = exc.differs
     if isinstance(exc, ProviderUnavailable) and exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
     if status >= 500:
@@ -108,6 +114,23 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, kind, exc.detail, headers=exc.headers)
 
 
+async def _database_error(request: Request, exc: Exception) -> Response:
+    # A write the database refused (a full disk, the server gone): the request may have done
+    # part of its work (a submit may have reached the provider before its outcome could be
+    # recorded), so say so, and how to find out safely. The statement's parameters are never
+    # in the text (create_db_engine sets hide_parameters).
+    assert isinstance(exc, DBAPIError)
+    reason = (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0][:200]
+    log.warning("%s %s: the database failed: %s", request.method, request.url.path, reason)
+    message = f"the database failed ({reason}); retry later"
+    if request.method == "POST":
+        message += (
+            ": the job may have been recorded and sent, so repeat a submit with the same "
+            "idempotency_key to get the same job"
+        )
+    return error_response(503, "database_unavailable", message, headers={"Retry-After": "5"})
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     # ServerErrorMiddleware logs the traceback and re-raises to the server after this.
     return error_response(500, "internal", "internal error; the server log has the details")
@@ -118,5 +141,6 @@ def exception_handlers() -> dict[Any, ExceptionHandler]:
         JobsError: _jobs_error,
         InvalidRequest: _invalid_request,
         HTTPException: _http_exception,
+        DBAPIError: _database_error,
         Exception: _unexpected,
     }

@@ -215,9 +215,11 @@ PATHS: dict[str, Any] = {
                 "400": _error("the body is not a JSON object"),
                 "401": UNAUTHORIZED,
                 "413": _error("body over the size limit"),
+                "409": _error("the idempotency_key names a job with other arguments"),
                 "415": _error("the body is not declared 'Content-Type: application/json'"),
                 "422": _error("a field is invalid, or the provider rejected the job"),
                 "502": _error("the provider could not be reached; nothing was queued"),
+                "503": _error("the database failed; repeat with the same idempotency_key"),
             },
         },
         "get": {
