@@ -84,6 +84,7 @@ def create_app(
         finally:
             for shutdown in reversed(shutdowns):
                 await shutdown()
+            await jwks.aclose()
             if own_client is not None:
                 await own_client.aclose()
 
