@@ -459,3 +459,24 @@ def test_a_one_character_key_is_hidden_only_as_a_word() -> None:
     logger.addHandler(handler)
     logger.warning("a banana and a plan")
     assert stream.getvalue() == "*** banana and *** plan\n"
+
+
+def test_a_pending_rollback_after_a_dropped_connection_is_retried(
+    sqlite_migrated_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy.exc import PendingRollbackError
+
+    monkeypatch.setattr("time.sleep", lambda _: None)
+    store = Store.open(sqlite_migrated_url)
+    calls: list[int] = []
+
+    def once_broken(conn: Any) -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise PendingRollbackError("Can't reconnect until invalid transaction is rolled back")
+        return "ok"
+
+    try:
+        assert store._tx(once_broken) == "ok" and len(calls) == 2
+    finally:
+        store.close()
