@@ -358,7 +358,7 @@ def test_a_fal_key_that_cannot_be_sent_is_refused_at_once(key: str) -> None:
 def test_a_cache_dir_that_is_a_file_is_one_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "cache"
     path.write_text("not a directory")
-    with pytest.raises(ConfigError, match="JOBS_CACHE_DIR .* is a file, not a directory"):
+    with pytest.raises(ConfigError, match=r"JOBS_CACHE_DIR .* is a file, not a directory"):
         Settings.from_env({"JOBS_CACHE_DIR": str(path)})
 
 
