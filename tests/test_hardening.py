@@ -207,7 +207,7 @@ def test_the_python_api_refuses_them_too() -> None:
     [
         "/v1/jobs/abc%00def",
         "/v1/jobs/abc%00def/result",
-        "/v1/jobs/" + "x" * 200,
+        "/v1/jobs/" + "x" * 300,
         "/v1/jobs/abc%00/files/0",
     ],
 )

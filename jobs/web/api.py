@@ -39,7 +39,7 @@ SUBMIT_PATH = "/v1/jobs"
 DEFAULT_PAGE = 50
 MAX_PAGE = 500
 MAX_CURSOR = 64
-MAX_REF = 128  # the longest job reference: jobs.request_id (our ids are 32)
+MAX_REF = 255  # the longest job reference the store looks up (an idempotency key)
 # How long a cancel request waits for the provider's answer to show up before replying 202.
 CANCEL_WAIT = 0.0
 # A submit that ended failed at once: the provider said no, or could not be reached.

@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ExceptionHandler
 
 from ..errors import (
+    AmbiguousJobRef,
     CancelTooLate,
     ConfigError,
     IdempotencyConflict,
@@ -27,6 +28,7 @@ from ..errors import (
     JobNotFinished,
     JobNotFound,
     JobsError,
+    NotRetryable,
     ProviderError,
     ProviderProtocolError,
     ProviderRejected,
@@ -51,6 +53,8 @@ class InvalidRequest(Exception):
 # (status, error type) by exception class; the most specific class wins (MRO order).
 STATUS: dict[type[Exception], tuple[int, str]] = {
     JobNotFound: (404, "not_found"),
+    AmbiguousJobRef: (409, "ambiguous_ref"),
+    NotRetryable: (409, "not_retryable"),
     JobNotFinished: (409, "not_finished"),
     CancelTooLate: (409, "already_finished"),
     IdempotencyConflict: (409, "idempotency_conflict"),
