@@ -480,3 +480,35 @@ def test_a_pending_rollback_after_a_dropped_connection_is_retried(
         assert store._tx(once_broken) == "ok" and len(calls) == 2
     finally:
         store.close()
+
+
+# --- on both databases: what PostgreSQL refused with a 500 -----------------------------------
+
+
+def test_inputs_the_columns_refused_are_handled_on_both_databases(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jobs.providers.base import Observation, RemoteRef, Submitted
+    from jobs.results import find_files
+
+    monkeypatch.setattr("socket.gethostname", lambda: "pod-" + "p" * 200)
+    store = Store.open(db_url)
+    try:
+        job, _ = store.create_job(NewJob(application=APP, arguments={"prompt": "nul\x00ok"}))
+        store.begin_submit(job.id, 0)
+        ref = RemoteRef(application=APP, request_id="req-1")
+        submitted = Submitted(ref=ref, observation=Observation(State.QUEUED))
+        store.mark_submitted(job.id, submitted, next_poll_at=0)
+        # A Kubernetes-length host name: the poller's claim still works.
+        [claimed] = store.claim_due(_owner_name(), limit=10, lease_seconds=30)
+        assert claimed.job.id == job.id
+        result = {
+            "a": {"url": "https://cdn/a.png", "file_name": "n" * 1000, "content_type": "x/y"},
+            "b": {"url": "https://cdn/b\x00.png", "file_name": "x\x00y", "content_type": "i\x00"},
+        }
+        assert len(store.add_files(job.id, find_files(result))) == 2
+        assert store.list_jobs(application="a\x00", batch="b" * 300) == []
+        with pytest.raises(Exception, match="no job"):
+            store.get("id\x00")
+    finally:
+        store.close()
