@@ -569,3 +569,13 @@ async def test_emulator_delivery_end_to_end_without_a_result_fetch(
     assert result["prompt"] == "e2e"
     assert fal.fake.stats.webhook_successes == 1
     assert fal.fake.stats.result_fetches == 0 and fal.fake.stats.status_polls == 0
+
+
+@pytest.mark.parametrize(
+    ("request_id", "job"), [("r" * 200, None), ("req-x", "j\x00"), ("req-y", "j" * 40)]
+)
+async def test_ids_no_column_can_hold_are_malformed(
+    harness: Harness, signer: Ed25519PrivateKey, request_id: str, job: str | None
+) -> None:
+    response = await harness.deliver(_ok(request_id), key=signer, job=job)
+    assert response.status_code == 400 and response.json()["error"]["type"] == "malformed"
