@@ -222,15 +222,18 @@ class FakeFal:
             await self._lifespan(receive, send)
         elif kind == "http":
             path: str = scope["path"]
-            if path.startswith("/_fake/") or path.startswith("/.well-known/"):
-                await handle_control(self, scope, receive, send)
-            elif FakeCdn.handles(path):
-                base = self.config.base_url or _base_url(scope, _asgi.header_map(scope))
-                await self.cdn.handle(scope, receive, send, base)
-            elif path.startswith(RUN_PREFIX):
-                await handle_run(scope, receive, send, self.config, self.stats)
-            else:
-                await self._queue_api(scope, receive, send)
+            try:
+                if path.startswith("/_fake/") or path.startswith("/.well-known/"):
+                    await handle_control(self, scope, receive, send)
+                elif FakeCdn.handles(path):
+                    base = self.config.base_url or _base_url(scope, _asgi.header_map(scope))
+                    await self.cdn.handle(scope, receive, send, base)
+                elif path.startswith(RUN_PREFIX):
+                    await handle_run(scope, receive, send, self.config, self.stats)
+                else:
+                    await self._queue_api(scope, receive, send)
+            except _asgi.Disconnected:
+                return  # nothing was queued or changed: the body never arrived whole
         elif kind == "websocket":
             await send({"type": "websocket.close", "code": 1008})
 
