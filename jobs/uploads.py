@@ -336,12 +336,9 @@ class Uploader:
             # read once: the bytes hashed are the bytes sent, even if the file changes
             source = _Bytes(await asyncio.to_thread(source.read, 0, source.size))
         sha256 = await asyncio.to_thread(_sha256, source)
-        margin = REUSE_MARGIN if self.lifetime is None else min(REUSE_MARGIN, self.lifetime / 2)
-        found = await asyncio.to_thread(
-            self.store.find_upload, sha256, content_type, alive_until=self._clock() + margin
-        )
+        found = await self._alive(sha256, content_type)
         if found is not None:
-            return Uploaded.of(found, reused=True)
+            return found
         new = NewUpload(
             sha256=sha256,
             size=source.size,
@@ -358,6 +355,14 @@ class Uploader:
             )
             return await self._finished(new, url, None)
         return await self._multipart(source, new)
+
+    async def _alive(self, sha256: str, content_type: str) -> Uploaded | None:
+        """The recorded upload of these bytes, if its URL lives long enough to be reused."""
+        margin = REUSE_MARGIN if self.lifetime is None else min(REUSE_MARGIN, self.lifetime / 2)
+        found = await asyncio.to_thread(
+            self.store.find_upload, sha256, content_type, alive_until=self._clock() + margin
+        )
+        return None if found is None else Uploaded.of(found, reused=True)
 
     async def _finished(self, new: NewUpload, url: str, upload_id: str | None) -> Uploaded:
         now = self._clock()
@@ -376,8 +381,12 @@ class Uploader:
             try:
                 return await self._send_parts(source, new, record, etags)
             except (ProviderRejected, ProviderProtocolError):
-                # The CDN no longer knows that upload (expired, completed elsewhere): start over.
+                # The CDN no longer knows that upload (expired, or another process completed
+                # it: then its URL is recorded now); else start over.
                 await asyncio.to_thread(self.store.abandon_upload, record.id)
+                done = await self._alive(new.sha256, new.content_type)
+                if done is not None:
+                    return done
         ref = await self.cdn.initiate(
             content_type=new.content_type, file_name=new.file_name, lifetime_seconds=self.lifetime
         )

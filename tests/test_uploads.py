@@ -21,7 +21,7 @@ from jobs.config import Secret, Settings
 from jobs.errors import ConfigError, ProviderRejected, UploadError
 from jobs.migrate import upgrade
 from jobs.providers.fal_cdn import FalCdn
-from jobs.store import Store
+from jobs.store import NewUpload, Store
 from jobs.testing import FakeFal, FakeFalConfig, FakeFalServer
 from jobs.uploads import (
     Uploader,
@@ -269,7 +269,7 @@ import asyncio, sys
 import httpx
 from jobs.config import Secret, Settings
 from jobs.providers.fal_cdn import FalCdn
-from jobs.store import Store
+from jobs.store import NewUpload, Store
 from jobs.uploads import Uploader
 
 async def main(db, url, path):
@@ -397,3 +397,34 @@ async def test_token_dead_early_is_refreshed_once() -> None:
     stored = fake.cdn.file(url)
     assert stored is not None and stored.content == b"two"
     assert fake.stats.cdn_tokens == 2 and fake.stats.cdn_uploads == 2
+
+
+async def test_resume_of_an_upload_the_cdn_forgot_starts_over(
+    tmp_path: Path, fal: FakeFalServer
+) -> None:
+    store = _store(tmp_path)
+    data = os.urandom(3000)
+    digest = hashlib.sha256(data).hexdigest()
+    stale = store.begin_upload(
+        NewUpload(
+            sha256=digest,
+            size=len(data),
+            content_type="application/octet-stream",
+            file_name=None,
+            lifecycle_seconds=None,
+            part_size=1000,
+            multipart_id="expired-at-the-cdn",
+            access_url=f"{fal.url}/files/gone/upload.bin",
+        )
+    )
+    store.record_part(stale.id, 1, '"etag-1"', 1000)
+    async with httpx.AsyncClient() as http:
+        cdn = FalCdn(rest_url=fal.url, key=Secret(KEY), client=http)
+        uploader = Uploader(store, cdn, threshold=2000, part_size=1000)
+        uploaded = await uploader.upload(data, "application/octet-stream")
+    states = {u.id: u.state for u in store.list_uploads()}
+    store.close()
+    assert states[stale.id] == "abandoned" and list(states.values()).count("uploaded") == 1
+    stored = fal.fake.cdn.file(uploaded.url)
+    assert stored is not None and stored.content == data
+    assert fal.fake.stats.cdn_multipart_initiated == 1
