@@ -12,6 +12,7 @@ Like fal_client's own ``__init__``, the module functions are the bound methods o
 
 from __future__ import annotations
 
+from ...uploads import encode, encode_file, encode_image
 from . import auth
 from .auth import MissingCredentialsError
 from .client import (
@@ -26,9 +27,6 @@ from .client import (
     Status,
     SyncClient,
     SyncRequestHandle,
-    encode,
-    encode_file,
-    encode_image,
 )
 
 __all__ = [

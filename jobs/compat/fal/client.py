@@ -30,25 +30,7 @@ from ...errors import (
 )
 from ...handles import AsyncJobHandle, SyncJobHandle
 from ...manager import JobManager
-from ...uploads import encode, encode_file, encode_image
 from .auth import MissingCredentialsError
-
-__all__ = [
-    "AsyncClient",
-    "AsyncRequestHandle",
-    "Completed",
-    "FalClientError",
-    "FalClientHTTPError",
-    "FalClientTimeoutError",
-    "InProgress",
-    "Queued",
-    "Status",
-    "SyncClient",
-    "SyncRequestHandle",
-    "encode",
-    "encode_file",
-    "encode_image",
-]
 
 DEFAULT_QUEUE_POLL_INTERVAL = 0.1
 _PRIORITY_HEADER = "x-fal-queue-priority"
