@@ -38,6 +38,7 @@ def env(tmp_path: Path, fal: FakeFalServer) -> dict[str, str]:
         "JOBS_FAL_QUEUE_URL": fal.url,
         "JOBS_CACHE_DIR": str(tmp_path / "cache"),
         "FAL_KEY": "cli-test-key",
+        "JOBS_CACHE_ALLOW_HOSTS": "127.0.0.1",  # the emulator's result files
     }
 
 
