@@ -93,6 +93,10 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "properties": {
             "id": {"type": "string"},
+            "short_id": {
+                "type": "string",
+                "description": "the part of the id that tells jobs apart; it names the job too",
+            },
             "provider": {"type": "string"},
             "application": {"type": "string"},
             "path": _nullable("string"),
@@ -113,6 +117,9 @@ SCHEMAS: dict[str, Any] = {
             "cancel_url": _nullable("string", description="the provider's cancel URL"),
             "metrics": _nullable("object"),
             "polls": {"type": "integer"},
+            "attempts": {"type": "integer", "description": "times the job was sent"},
+            "retry_of": _nullable("string", description="the job this one retries"),
+            "tracked": {"type": "boolean", "description": "adopted by track: never sent by jobs"},
             "created_at": TIMESTAMP,
             "submitted_at": TIMESTAMP,
             "started_at": TIMESTAMP,
