@@ -39,7 +39,6 @@ def env(tmp_path: Path, fal: FakeFalServer) -> dict[str, str]:
         "JOBS_CACHE_DIR": str(tmp_path / "cache"),
         "JOBS_CACHE_ALLOW_HOSTS": "127.0.0.1",  # the emulator serves the result files
         "FAL_KEY": "cli-test-key",
-        "JOBS_CACHE_ALLOW_HOSTS": "127.0.0.1",  # the emulator's result files
     }
 
 
