@@ -62,7 +62,7 @@ PENDING = "pending"
 DOWNLOADED = "downloaded"
 FAILED = "failed"
 
-DEFAULT_CONCURRENCY = 8  # downloads at once, per process
+DEFAULT_CONCURRENCY = 16  # downloads at once, per process
 DEFAULT_ATTEMPTS = 3  # per file, for transient failures (transport errors, 408/429/5xx)
 MAX_REDIRECTS = 5
 CHUNK_BYTES = 64 * 1024
