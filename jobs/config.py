@@ -25,7 +25,7 @@ DEFAULT_FAL_JWKS_URL = "https://rest.alpha.fal.ai/.well-known/jwks.json"
 DEFAULT_REPLICATE_API_URL = "https://api.replicate.com"
 DEFAULT_CACHE_MAX_FILE_BYTES = 512 * 1024 * 1024
 DEFAULT_CACHE_FILE_TIMEOUT = 600.0
-DEFAULT_CACHE_HOST_SLOTS = 2
+DEFAULT_CACHE_HOST_SLOTS = 8  # half the shared slots: fal serves most files from one CDN host
 
 
 class Secret:

@@ -410,3 +410,15 @@ def test_every_help_has_an_example_and_its_environment(command: str) -> None:
     assert done.returncode == 0
     assert "Examples:" in done.stdout and "Environment:" in done.stdout
     assert "jobsctl " in done.stdout and "Replicate" not in done.stdout
+
+
+def test_a_reused_key_with_another_input_is_a_one_line_error(
+    env: dict[str, str], fal: FakeFalServer
+) -> None:
+    ok(env, "submit", APP, "--input", '{"prompt": "one"}', "--idempotency-key", "k-reused")
+    sends = fal.fake.stats.submits
+    other = jobsctl(
+        env, "submit", APP, "--input", '{"prompt": "two"}', "--idempotency-key", "k-reused"
+    )
+    assert other.returncode == 2 and "already names job" in one_line_error(other)
+    assert fal.fake.stats.submits == sends and len(rows(env)) == 1

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -34,8 +36,24 @@ if TYPE_CHECKING:
 JOB_COLUMNS = ("short_id", "state", "application", "batch", "request_id", "created_at")
 
 
+@dataclass(frozen=True)
+class OneSubmit:
+    """What the shared options of ``submit`` and ``run`` asked for."""
+
+    input: str | None
+    idempotency_key: str | None
+    options: dict[str, Any]  # the manager's submit keywords: path, priority, labels, ...
+
+    def arguments(self) -> dict[str, Any]:
+        """The parsed ``--input`` (exits 2 when missing or not a JSON object)."""
+        if self.input is None:
+            fail("give the model input with --input JSON (or @file, or - for stdin)", EXIT_USAGE)
+        return parse_input(self.input)
+
+
 def submit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """The options of one submit, shared by ``submit`` and ``run``."""
+    """The options of one submit, shared by ``submit`` and ``run``: the command receives
+    them as one :class:`OneSubmit` named ``one``."""
     options = [
         click.option(
             "--input", "input_", metavar="JSON|@FILE|-", help="The model input, a JSON object."
@@ -48,27 +66,33 @@ def submit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--no-webhook", is_flag=True, help="Do not ask for a webhook."),
         click.option("--download", is_flag=True, default=None, help="Download result files."),
     ]
+
+    @functools.wraps(fn)
+    def command(
+        *args: Any,
+        input_: str | None,
+        path: str | None,
+        priority: str | None,
+        hint: str | None,
+        labels: tuple[str, ...],
+        idempotency_key: str | None,
+        no_webhook: bool,
+        download: bool | None,
+        **kwargs: Any,
+    ) -> Any:
+        options = {
+            "path": path,
+            "priority": priority,
+            "hint": hint,
+            "labels": parse_labels(labels),
+            "webhook": not no_webhook,
+            "download": download,
+        }
+        return fn(*args, one=OneSubmit(input_, idempotency_key, options), **kwargs)
+
     for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-def _options(
-    path: str | None,
-    priority: str | None,
-    hint: str | None,
-    labels: tuple[str, ...],
-    no_webhook: bool,
-    download: bool | None,
-) -> dict[str, Any]:
-    return {
-        "path": path,
-        "priority": priority,
-        "hint": hint,
-        "labels": parse_labels(labels),
-        "webhook": not no_webhook,
-        "download": download,
-    }
+        command = option(command)
+    return command
 
 
 def explain_unsent(job: Job) -> None:
@@ -110,14 +134,7 @@ def explain_unsent(job: Job) -> None:
 @output_option
 def submit(
     application: str,
-    input_: str | None,
-    path: str | None,
-    priority: str | None,
-    hint: str | None,
-    labels: tuple[str, ...],
-    idempotency_key: str | None,
-    no_webhook: bool,
-    download: bool | None,
+    one: OneSubmit,
     inputs: str | None,
     batch: str | None,
     concurrency: int,
@@ -125,19 +142,16 @@ def submit(
 ) -> None:
     """Record and submit one job (--input), or one per line of a JSONL file (--inputs);
     prints each job. Re-running the same file and batch submits nothing twice."""
-    options = _options(path, priority, hint, labels, no_webhook, download)
     if inputs is not None:
-        if input_ is not None or idempotency_key is not None:
+        if one.input is not None or one.idempotency_key is not None:
             fail("--inputs takes neither --input nor --idempotency-key", EXIT_USAGE)
-        submit_inputs(application, inputs, batch, concurrency, options)
+        submit_inputs(application, inputs, batch, concurrency, one.options)
         return
-    if input_ is None:
-        fail("give the model input with --input JSON (or @file, or - for stdin)", EXIT_USAGE)
-    arguments = parse_input(input_)
+    arguments = one.arguments()
 
     async def action(manager: AsyncJobManager) -> Job:
         return await manager.submit(
-            application, arguments, batch=batch, idempotency_key=idempotency_key, **options
+            application, arguments, batch=batch, idempotency_key=one.idempotency_key, **one.options
         )
 
     job = run(action)
@@ -217,14 +231,7 @@ def submit_inputs(
 @click.option("--progress/--no-progress", default=None, help="Progress on stderr [terminal].")
 def run_(
     application: str,
-    input_: str | None,
-    path: str | None,
-    priority: str | None,
-    hint: str | None,
-    labels: tuple[str, ...],
-    idempotency_key: str | None,
-    no_webhook: bool,
-    download: bool | None,
+    one: OneSubmit,
     batch: str | None,
     timeout: float | None,
     progress: bool | None,
@@ -234,14 +241,11 @@ def run_(
     resumes it)."""
     from .progress import wait_for
 
-    if input_ is None:
-        fail("give the model input with --input JSON (or @file, or - for stdin)", EXIT_USAGE)
-    arguments = parse_input(input_)
-    options = _options(path, priority, hint, labels, no_webhook, download)
+    arguments = one.arguments()
 
     async def action(manager: AsyncJobManager) -> Any:
         job = await manager.submit(
-            application, arguments, batch=batch, idempotency_key=idempotency_key, **options
+            application, arguments, batch=batch, idempotency_key=one.idempotency_key, **one.options
         )
         if job.state.value in ("failed", "submitting"):
             return job
