@@ -17,6 +17,7 @@ from .base import (
     EXIT_FAILED,
     EXIT_USAGE,
     emit,
+    errors,
     fail,
     help_epilog,
     main,
@@ -43,6 +44,7 @@ class OneSubmit:
     input: str | None
     idempotency_key: str | None
     options: dict[str, Any]  # the manager's submit keywords: path, priority, labels, ...
+    files: tuple[tuple[str, str], ...]  # --file KEY=PATH: (dotted key, path)
 
     def arguments(self) -> dict[str, Any]:
         """The parsed ``--input`` (exits 2 when missing or not a JSON object)."""
@@ -65,6 +67,14 @@ def submit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--idempotency-key", help="A second submit with the same key sends nothing."),
         click.option("--no-webhook", is_flag=True, help="Do not ask for a webhook."),
         click.option("--download", is_flag=True, default=None, help="Download result files."),
+        click.option(
+            "--file",
+            "files",
+            multiple=True,
+            metavar="KEY=PATH",
+            help="Upload PATH once (a folder as a zip) and set KEY (dotted: a.b) of the input "
+            "to its URL; repeatable.",
+        ),
     ]
 
     @functools.wraps(fn)
@@ -78,8 +88,11 @@ def submit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         idempotency_key: str | None,
         no_webhook: bool,
         download: bool | None,
+        files: tuple[str, ...],
         **kwargs: Any,
     ) -> Any:
+        from ..uploads import parse_file_option
+
         options = {
             "path": path,
             "priority": priority,
@@ -88,7 +101,9 @@ def submit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "webhook": not no_webhook,
             "download": download,
         }
-        return fn(*args, one=OneSubmit(input_, idempotency_key, options), **kwargs)
+        with errors():
+            pairs = tuple(parse_file_option(text) for text in files)
+        return fn(*args, one=OneSubmit(input_, idempotency_key, options, pairs), **kwargs)
 
     for option in reversed(options):
         command = option(command)
@@ -145,11 +160,14 @@ def submit(
     if inputs is not None:
         if one.input is not None or one.idempotency_key is not None:
             fail("--inputs takes neither --input nor --idempotency-key", EXIT_USAGE)
-        submit_inputs(application, inputs, batch, concurrency, one.options)
+        submit_inputs(application, inputs, batch, concurrency, one)
         return
     arguments = one.arguments()
 
     async def action(manager: AsyncJobManager) -> Job:
+        nonlocal arguments
+        if one.files:
+            arguments, _ = await manager.upload_inputs(arguments, one.files)
         return await manager.submit(
             application, arguments, batch=batch, idempotency_key=one.idempotency_key, **one.options
         )
@@ -160,10 +178,11 @@ def submit(
 
 
 def submit_inputs(
-    application: str, inputs: str, batch: str | None, concurrency: int, options: dict[str, Any]
+    application: str, inputs: str, batch: str | None, concurrency: int, one: OneSubmit
 ) -> None:
     """``submit --inputs``: progress on stderr, one JSON line per job on stdout; exit 1 when
-    any line was not submitted (each named by its line number on stderr)."""
+    any line was not submitted (each named by its line number on stderr). ``--file`` paths
+    are uploaded once and set in every line."""
     from ..batch import LineResult, default_batch_name, progress_bar, read_lines
 
     if inputs == "-":
@@ -187,8 +206,13 @@ def submit_inputs(
     name = batch
 
     async def action(manager: AsyncJobManager) -> Any:
-        from ..batch import submit_batch
+        from ..batch import submit_batch, with_files
 
+        ready = lines
+        if one.files:
+            _, uploaded = await manager.upload_inputs({}, one.files)
+            urls = [(key, up.url) for (key, _), up in zip(one.files, uploaded, strict=True)]
+            ready = with_files(lines, urls)
         with progress_bar(f"submit {name}", total=len(lines)) as bar:
 
             def on_result(line: LineResult) -> None:
@@ -201,11 +225,11 @@ def submit_inputs(
             return await submit_batch(
                 manager,
                 application,
-                lines,
+                ready,
                 batch=name,
                 concurrency=concurrency,
                 on_result=on_result,
-                **options,
+                **one.options,
             )
 
     report = run(action)
@@ -244,6 +268,9 @@ def run_(
     arguments = one.arguments()
 
     async def action(manager: AsyncJobManager) -> Any:
+        nonlocal arguments
+        if one.files:
+            arguments, _ = await manager.upload_inputs(arguments, one.files)
         job = await manager.submit(
             application, arguments, batch=batch, idempotency_key=one.idempotency_key, **one.options
         )
@@ -336,5 +363,31 @@ def cancel(job: str, output: str | None) -> None:
 
     async def action(manager: AsyncJobManager) -> Job:
         return await manager.cancel(job)
+
+    show_one(run(action).to_dict(), output)
+
+
+@main.command(
+    epilog=help_epilog(
+        [
+            "jobsctl upload photos/          # a folder goes up as one deterministic zip",
+            "jobsctl upload cat.png --content-type image/png",
+            "jobsctl run fal-ai/flux-lora-fast-training --input '{}' \\\n"
+            "      --file images_data_url=photos/",
+        ],
+        f"{ENV_DB}, FAL_KEY, JOBS_FAL_REST_URL, JOBS_UPLOAD_TTL, JOBS_UPLOAD_MAX_BYTES",
+    )
+)
+@click.argument("path")
+@click.option("--content-type", help="The file's type [default: guessed from its name].")
+@output_option
+def upload(path: str, content_type: str | None, output: str | None) -> None:
+    """Upload a file (a folder is zipped deterministically) to fal's CDN once: the same bytes
+    again print the same URL and send nothing; a killed upload resumes. Prints {"url",
+    "sha256", "size", "content_type", "reused"} (exit 2 bad input, 1 refused)."""
+    from ..uploads import Uploaded
+
+    async def action(manager: AsyncJobManager) -> Uploaded:
+        return await manager.upload_file(path, content_type=content_type)
 
     show_one(run(action).to_dict(), output)
