@@ -314,7 +314,8 @@ async def test_stop_lets_polls_finish_then_hands_the_leases_back(
     await poller.stop(timeout=5)
     for job in jobs:
         after = await manager.status(job.id)
-        assert after.lease_owner is None and after.polls == 1
+        # On a loaded machine a job may come due and be polled again before stop() is called.
+        assert after.lease_owner is None and after.polls >= 1
         assert after.next_poll_at is not None and after.next_poll_at > time.time()
 
     # Polls cut off by the timeout: stop returns promptly and the jobs are due at once.
