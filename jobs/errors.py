@@ -37,6 +37,12 @@ class JobNotFound(JobsError):
         self.ref = ref
 
 
+class BatchNotFound(JobsError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no batch named {name!r} (a batch is named at submit, with --batch)")
+        self.name = name
+
+
 class JobNotFinished(JobsError):
     def __init__(self, job_id: str, state: str) -> None:
         super().__init__(f"job {job_id} is {state}, not finished; use --wait to wait for it")

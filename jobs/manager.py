@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .backoff import NextPoll, PollPolicy, next_poll
 from .config import Settings
 from .errors import (
+    BatchNotFound,
     CancelTooLate,
     JobFailed,
     JobNotFinished,
@@ -45,7 +46,18 @@ from .metrics import POLL_SECONDS, POLLS, RATE_LIMIT_WAITS, RESULTS, SUBMITS
 from .providers import create as create_provider
 from .providers.base import Observation, Provider, SubmitRequest, Submitted
 from .states import FailureReason, State
-from .store import Applied, BeginSubmit, Change, Job, MarkSubmitted, NewJob, Store
+from .store import (
+    Applied,
+    BatchProgress,
+    BeginSubmit,
+    Change,
+    Job,
+    JobFile,
+    MarkSubmitted,
+    NewJob,
+    Overview,
+    Store,
+)
 from .writer import GroupWriter
 
 if TYPE_CHECKING:
@@ -330,8 +342,12 @@ class AsyncJobManager:
         batch: str | None = None,
         limit: int = 100,
         before: str | None = None,
+        label: tuple[str, str] | None = None,
+        search: str | None = None,
     ) -> list[Job]:
-        """A page of jobs, newest first; ``before`` is the last id of the previous page."""
+        """A page of jobs, newest first; ``before`` is the last id of the previous page.
+        ``label`` is a ``(key, value)`` pair; ``search`` an id, id prefix or suffix, request
+        id or idempotency key (see :meth:`jobs.store.Store.list_jobs`)."""
         return await self._db(
             self.store.list_jobs,
             state=state,
@@ -339,6 +355,8 @@ class AsyncJobManager:
             batch=batch,
             limit=limit,
             before=before,
+            label=label,
+            search=search,
         )
 
     async def count_by_state(self) -> dict[State, int]:
@@ -601,6 +619,52 @@ class AsyncJobManager:
         if not accepted or job.state is not State.CANCELLED:
             raise CancelTooLate(job.id, job.state.value)
         return job
+
+    # --- reading for pages and reports ---------------------------------------------------
+
+    async def overview(self) -> Overview:
+        """Database-wide figures: counts, failures by reason, backlog, leases."""
+        return await self._db(self.store.overview)
+
+    async def batches(self, *, active_only: bool = False, limit: int = 100) -> list[BatchProgress]:
+        """Batches, newest first (only those with an unfinished job when ``active_only``)."""
+        return await self._db(self.store.batches, active_only=active_only, limit=limit)
+
+    async def batch(self, name: str) -> BatchProgress:
+        """One batch's progress; raises :class:`BatchNotFound` when it has no job."""
+        found = await self._db(self.store.batches, name=name, limit=1)
+        if not found:
+            raise BatchNotFound(name)
+        return found[0]
+
+    async def events(self, ref: str) -> list[dict[str, Any]]:
+        """Every recorded event of a job, oldest first."""
+        job = await self.status(ref)
+        return await self._db(self.store.events, job.id)
+
+    async def logs(self, ref: str) -> list[dict[str, Any]]:
+        """The job's stored log lines, in order."""
+        job = await self.status(ref)
+        return [dict(entry) for _, entry in await self._db(self.store.logs, job.id)]
+
+    async def stored_result(self, ref: str) -> tuple[bool, Any]:
+        """``(True, data)`` when the job's result is stored, else ``(False, None)``; never
+        waits and never asks the provider."""
+        job = await self.status(ref)
+        return await self._db(self.store.result, job.id)
+
+    async def batch_jobs(self, name: str) -> list[Job]:
+        """Every job of a batch, in input order."""
+        return await self._db(self.store.batch_jobs, name)
+
+    async def stored_results(self, job_ids: Sequence[str]) -> dict[str, Any]:
+        """The stored results of these jobs, by id (jobs without one are absent)."""
+        return await self._db(self.store.results_of, job_ids)
+
+    async def job_files(self, ref: str) -> list[JobFile]:
+        """The files of the job's result and whether each is in the cache."""
+        job = await self.status(ref)
+        return await self._db(self.store.files, job.id)
 
 
 def _needs_send(job: Job, created: bool) -> bool:

@@ -20,12 +20,14 @@ from ..manager import AsyncJobManager
 from ..metrics import WEBHOOKS
 from ..providers.jwks import JwksCache
 from .api import JobsApi
-from .dashboard import Dashboard
 from .errors import exception_handlers
 from .files import JobFiles
 from .middleware import BearerAuth, BodySizeLimit, RedactSecrets, RequestId
 from .openapi import OpenApi
 from .ops import Ops
+from .pages import Pages
+from .reads import JobReads
+from .session import SessionAuth
 from .webhooks import FAL_PATH, FalWebhooks
 
 DEFAULT_BODY_LIMIT = 2 * 1024 * 1024
@@ -35,9 +37,15 @@ LifespanHook = tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]
 
 
 def protected(path: str) -> bool:
-    """The paths that need the API token when one is set: the job API and the dashboard.
-    Webhooks (signed), health, metrics and the OpenAPI document stay open."""
-    return path == "/" or path == "/v1/jobs" or path.startswith("/v1/jobs/")
+    """The API paths that need the bearer token when one is set. Webhooks (signed), health,
+    metrics and the OpenAPI document stay open; the dashboard has :func:`dashboard_page`."""
+    return path in ("/v1/jobs", "/v1/batches") or path.startswith(("/v1/jobs/", "/v1/batches/"))
+
+
+def dashboard_page(path: str) -> bool:
+    """The dashboard paths that need a login (a session cookie) when a token is set; the
+    login form, its styles and scripts, and the API reference (like /openapi.json) stay open."""
+    return path in ("/", "/jobs", "/export.jsonl") or path.startswith(("/jobs/", "/batches/"))
 
 
 def create_app(
@@ -87,12 +95,14 @@ def create_app(
     ]
     if settings.api_token is not None:
         middleware.append(Middleware(BearerAuth, token=settings.api_token, protected=protected))
+        middleware.append(Middleware(SessionAuth, token=settings.api_token, pages=dashboard_page))
     routes = [
         *JobsApi(manager, public_url=settings.public_url).routes(),
+        *JobReads(manager).routes(),
         *FalWebhooks(manager, jwks).routes(),
         *Ops(manager).routes(),
         *JobFiles(manager).routes(),
-        *Dashboard(manager).routes(),
+        *Pages(manager, token=settings.api_token, public_url=settings.public_url).routes(),
         *OpenApi(settings.public_url).routes(),
     ]
     return Starlette(

@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ExceptionHandler
 
 from ..errors import (
+    BatchNotFound,
     CancelTooLate,
     ConfigError,
     JobFailed,
@@ -46,6 +47,7 @@ class InvalidRequest(Exception):
 # (status, error type) by exception class; the most specific class wins (MRO order).
 STATUS: dict[type[Exception], tuple[int, str]] = {
     JobNotFound: (404, "not_found"),
+    BatchNotFound: (404, "not_found"),
     JobNotFinished: (409, "not_finished"),
     CancelTooLate: (409, "already_finished"),
     # The result route answers failed and cancelled jobs itself; what is left is a

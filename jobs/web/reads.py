@@ -1,0 +1,67 @@
+"""Read-only routes scripts and pages use next to ``/v1/jobs``: a job's events and logs, and
+batches with their progress. Each handler calls one manager read method and shapes JSON."""
+
+from __future__ import annotations
+
+import time
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ..manager import AsyncJobManager
+from .errors import InvalidRequest
+
+DEFAULT_BATCHES = 100
+MAX_BATCHES = 1000
+
+
+def _batch_limit(raw: str | None) -> int:
+    if raw is None:
+        return DEFAULT_BATCHES
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_BATCHES:
+        raise InvalidRequest(f"'limit' must be an integer from 1 to {MAX_BATCHES}", field="limit")
+    return int(raw)
+
+
+def _flag(raw: str | None, name: str) -> bool:
+    if raw is None or raw in ("0", "false"):
+        return False
+    if raw in ("1", "true"):
+        return True
+    raise InvalidRequest(f"'{name}' must be true or false", field=name)
+
+
+class JobReads:
+    def __init__(self, manager: AsyncJobManager) -> None:
+        self.manager = manager
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/jobs/{id}/events", self.events, methods=["GET"]),
+            Route("/v1/jobs/{id}/logs", self.logs, methods=["GET"]),
+            Route("/v1/batches", self.batches, methods=["GET"]),
+            # {name:path}: batch names default to input file names, which may hold a slash.
+            Route("/v1/batches/{name:path}", self.batch, methods=["GET"]),
+        ]
+
+    async def events(self, request: Request) -> Response:
+        job = await self.manager.status(request.path_params["id"])
+        return JSONResponse({"id": job.id, "events": await self.manager.events(job.id)})
+
+    async def logs(self, request: Request) -> Response:
+        job = await self.manager.status(request.path_params["id"])
+        return JSONResponse({"id": job.id, "logs": await self.manager.logs(job.id)})
+
+    async def batches(self, request: Request) -> Response:
+        query = request.query_params
+        found = await self.manager.batches(
+            active_only=_flag(query.get("active"), "active"),
+            limit=_batch_limit(query.get("limit")),
+        )
+        now = time.time()
+        return JSONResponse({"batches": [batch.to_dict(now) for batch in found]})
+
+    async def batch(self, request: Request) -> Response:
+        found = await self.manager.batch(request.path_params["name"])
+        return JSONResponse(found.to_dict(time.time()))
