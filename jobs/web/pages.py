@@ -89,10 +89,12 @@ def short_id(job_id: str) -> str:
 
 
 def age(seconds: float | None) -> str:
-    """A duration for people: ``42s``, ``3m 5s``, ``2h 10m``, ``1d 4h``."""
+    """A duration for people: ``0.4s``, ``42s``, ``3m 5s``, ``2h 10m``, ``1d 4h``."""
     if seconds is None:
         return "—"
-    seconds = max(0, int(seconds))
+    if seconds < 10:
+        return f"{max(0.0, seconds):.1f}s"
+    seconds = int(seconds)
     if seconds < 60:
         return f"{seconds}s"
     if seconds < 3600:
