@@ -1,4 +1,4 @@
-"""``python -m jobs``: the same as the ``jobs`` command."""
+"""``python -m jobs``: the same as the ``jobsctl`` command."""
 
 from .cli import main
 

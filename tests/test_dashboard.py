@@ -18,9 +18,10 @@ from support.seed import EVIL, Seeded, seed
 from jobs.config import Secret
 from jobs.manager import AsyncJobManager
 from jobs.states import State
+from jobs.store import short_id
+from jobs.testing import FakeFalConfig, FakeFalServer
 from jobs.web import create_app
 from jobs.web.openapi import document
-from jobs.web.pages import short_id
 from jobs.web.session import (
     CSRF_COOKIE,
     SESSION_COOKIE,
@@ -42,8 +43,8 @@ async def make_site(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     """``await make_site(**settings)`` -> (client, manager, seeded jobs)."""
     opened: list[Any] = []
 
-    async def make(**extra: Any) -> Site:
-        settings = local_settings(tmp_path, UNUSED_QUEUE, fal_key=FAL_KEY, **extra)
+    async def make(queue_url: str = UNUSED_QUEUE, **extra: Any) -> Site:
+        settings = local_settings(tmp_path, queue_url, fal_key=FAL_KEY, **extra)
         context = open_manager(settings)
         manager = await context.__aenter__()
         client = httpx.AsyncClient(
@@ -96,12 +97,13 @@ async def test_pages_show_the_part_of_the_id_that_differs(site: Site) -> None:
     shorts = {short_id(i) for i in ids}
     assert len(shorts) == len(ids)  # the shared timestamp prefix is not what is shown
     page = (await client.get(f"/batches/{seeded.batch}")).text
-    shown = set(re.findall(r"<code>([0-9a-f]{8})</code></a>", page))
+    shown = set(re.findall(r"<code>([0-9a-f]{10})</code></a>", page))
     assert shown == shorts
-    assert all(i.endswith(s) for i, s in zip(ids, map(short_id, ids), strict=True))
 
 
-@pytest.mark.parametrize("how", ["id", "prefix", "short", "request_id", "idempotency_key"])
+@pytest.mark.parametrize(
+    "how", ["id", "prefix", "short", "short_prefix", "request_id", "idempotency_key"]
+)
 async def test_search_finds_a_job_every_way_it_is_named(site: Site, how: str) -> None:
     client, _, seeded = site
     job = seeded.by_state[State.QUEUED]
@@ -109,6 +111,7 @@ async def test_search_finds_a_job_every_way_it_is_named(site: Site, how: str) ->
         "id": job.id,
         "prefix": job.id[:16],
         "short": short_id(job.id),
+        "short_prefix": short_id(job.id)[:7],
         "request_id": job.request_id,
         "idempotency_key": job.idempotency_key,
     }[how]
@@ -297,3 +300,28 @@ def test_every_operation_has_a_unique_operation_id_and_a_tag() -> None:
     assert len(ids) == len(set(ids))
     names = {tag["name"] for tag in doc["tags"]}
     assert all(op["tags"] and set(op["tags"]) <= names for op in operations)
+
+
+async def test_retry_from_the_page_and_the_api(make_site: Callable[..., Any]) -> None:
+    with FakeFalServer(FakeFalConfig(duration=0.05, queue_time=0.0, seed=5)) as fal:
+        client, manager, seeded = await make_site(fal.url)
+        failed = seeded.by_state[State.FAILED]
+        page = (await client.get(f"/jobs/{failed.id}")).text
+        assert "retry</button>" in page
+        queued_page = (await client.get(f"/jobs/{seeded.by_state[State.QUEUED].id}")).text
+        assert "retry</button>" not in queued_page
+        assert (await client.post(f"/jobs/{failed.id}/retry", data={})).status_code == 403
+        done = await client.post(f"/jobs/{failed.id}/retry", data={"csrf": _csrf(client)})
+        assert done.status_code == 303 and done.headers["location"].endswith("notice=retried")
+        new_id = done.headers["location"].split("/")[2].split("?")[0]
+        assert new_id != failed.id
+        retried = await manager.status(new_id)
+        assert retried.retry_of == failed.id and retried.request_id is not None
+        assert f'href="/jobs/{failed.id}"' in (await client.get(done.headers["location"])).text
+        cancelled = seeded.by_state[State.CANCELLED]
+        api = await client.post(f"/v1/jobs/{cancelled.id}/retry")
+        assert api.status_code == 202 and api.json()["retry_of"] == cancelled.id
+        again = await client.post(f"/v1/jobs/{cancelled.id}/retry")
+        assert again.json()["id"] == api.json()["id"]  # asking twice makes one retry
+        refused = await client.post(f"/v1/jobs/{seeded.by_state[State.QUEUED].id}/retry")
+        assert refused.status_code == 409 and refused.json()["error"]["type"] == "not_retryable"

@@ -110,6 +110,9 @@ def submit_headers(request: SubmitRequest) -> dict[str, str]:
     return headers
 
 
+MAX_REQUEST_ID = 128  # the jobs.request_id column
+
+
 def _sendable(name: str, value: str) -> None:
     """URL parts and header values must be plain visible ASCII: no spaces, no line breaks
     (a newline in a header is an injection), nothing a proxy might rewrite."""
@@ -351,6 +354,17 @@ class FalProvider:
 
     def ref_for(self, application: str, request_id: str) -> RemoteRef:
         return request_ref(self.queue_url, application, request_id)
+
+    def track_ref(self, application: str, request_id: str) -> RemoteRef:
+        """The ref of a request made elsewhere, refusing (``ConfigError``) an application or
+        request id that could not name one."""
+        _sendable("request id", request_id)
+        if len(request_id) > MAX_REQUEST_ID or set(request_id) & set("/?#%"):
+            raise ConfigError(
+                f"request id {request_id!r} is not a fal request id (at most "
+                f"{MAX_REQUEST_ID} characters, no '/', '?', '#' or '%')"
+            )
+        return self.ref_for(application, request_id)
 
     def check(self, request: SubmitRequest) -> None:
         check_request(request)

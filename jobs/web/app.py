@@ -27,6 +27,7 @@ from .openapi import OpenApi
 from .ops import Ops
 from .pages import Pages
 from .reads import JobReads
+from .retries import Retries
 from .session import SessionAuth
 from .webhooks import FAL_PATH, FalWebhooks
 
@@ -99,6 +100,7 @@ def create_app(
     routes = [
         *JobsApi(manager, public_url=settings.public_url).routes(),
         *JobReads(manager).routes(),
+        *Retries(manager).routes(),
         *FalWebhooks(manager, jwks).routes(),
         *Ops(manager).routes(),
         *JobFiles(manager).routes(),

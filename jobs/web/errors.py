@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ExceptionHandler
 
 from ..errors import (
+    AmbiguousJobRef,
     BatchNotFound,
     CancelTooLate,
     ConfigError,
@@ -26,6 +27,7 @@ from ..errors import (
     JobNotFinished,
     JobNotFound,
     JobsError,
+    NotRetryable,
     ProviderError,
     ProviderProtocolError,
     ProviderRejected,
@@ -50,6 +52,8 @@ STATUS: dict[type[Exception], tuple[int, str]] = {
     BatchNotFound: (404, "not_found"),
     JobNotFinished: (409, "not_finished"),
     CancelTooLate: (409, "already_finished"),
+    NotRetryable: (409, "not_retryable"),
+    AmbiguousJobRef: (409, "ambiguous_ref"),
     # The result route answers failed and cancelled jobs itself; what is left is a
     # succeeded job whose cached result was removed (``jobs gc``).
     JobFailed: (410, "result_removed"),

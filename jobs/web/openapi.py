@@ -93,6 +93,10 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "properties": {
             "id": {"type": "string"},
+            "short_id": {"type": "string", "description": "the part of the id people see"},
+            "retry_of": _nullable("string", description="the job this one retries"),
+            "tracked": {"type": "boolean", "description": "made elsewhere, only followed here"},
+            "attempts": {"type": "integer", "description": "submit attempts"},
             "provider": {"type": "string"},
             "application": {"type": "string"},
             "path": _nullable("string"),
@@ -473,6 +477,21 @@ READ_PATHS: dict[str, Any] = {
             },
         }
     },
+    "/v1/jobs/{id}/retry": {
+        "post": {
+            "summary": "A new attempt for a failed or cancelled job (the same one if asked again)",
+            "security": BEARER,
+            "parameters": [JOB_ID],
+            "responses": {
+                "202": _json(_ref("Job"), "the new job, linked by retry_of and sent"),
+                "401": UNAUTHORIZED,
+                "404": NOT_FOUND,
+                "409": _error("the job is not failed or cancelled, or was tracked"),
+                "422": _error("the provider rejected the new attempt"),
+                "502": _error("the provider could not be reached"),
+            },
+        }
+    },
     "/v1/batches": {
         "get": {
             "summary": "Batches with their progress, newest first",
@@ -534,6 +553,9 @@ PAGE_PATHS: dict[str, Any] = {
     "/jobs/{id}/cancel": {
         "post": _html("Cancel from the job's page", parameters=[JOB_REF], requestBody=CSRF_FORM)
     },
+    "/jobs/{id}/retry": {
+        "post": _html("Retry from the job's page", parameters=[JOB_REF], requestBody=CSRF_FORM)
+    },
     "/jobs/{id}/files/{n}": {
         "get": {
             **{k: v for k, v in PATHS["/v1/jobs/{id}/files/{n}"]["get"].items() if k != "security"},
@@ -584,6 +606,7 @@ OPERATIONS: dict[tuple[str, str], tuple[str, str]] = {
     ("/v1/jobs/{id}/files/{n}", "get"): ("getJobFile", "jobs"),
     ("/v1/jobs/{id}/events", "get"): ("getJobEvents", "jobs"),
     ("/v1/jobs/{id}/logs", "get"): ("getJobLogs", "jobs"),
+    ("/v1/jobs/{id}/retry", "post"): ("retryJob", "jobs"),
     ("/v1/batches", "get"): ("listBatches", "batches"),
     ("/v1/batches/{name}", "get"): ("getBatch", "batches"),
     ("/v1/webhooks/fal", "post"): ("receiveFalWebhook", "webhooks"),
@@ -594,6 +617,7 @@ OPERATIONS: dict[tuple[str, str], tuple[str, str]] = {
     ("/jobs", "get"): ("dashboardJobs", "dashboard"),
     ("/jobs/{id}", "get"): ("dashboardJob", "dashboard"),
     ("/jobs/{id}/cancel", "post"): ("dashboardCancelJob", "dashboard"),
+    ("/jobs/{id}/retry", "post"): ("dashboardRetryJob", "dashboard"),
     ("/jobs/{id}/files/{n}", "get"): ("dashboardJobFile", "dashboard"),
     ("/batches/{name}", "get"): ("dashboardBatch", "dashboard"),
     ("/export.jsonl", "get"): ("dashboardExportBatch", "dashboard"),

@@ -33,11 +33,11 @@ from starlette.staticfiles import StaticFiles
 
 from ..batch import export_line
 from ..config import Secret
-from ..errors import BatchNotFound, CancelTooLate, JobNotFound, JobsError
+from ..errors import BatchNotFound, CancelTooLate, JobNotFound, JobsError, NotRetryable
 from ..manager import AsyncJobManager
 from ..results import find_files
 from ..states import State
-from ..store import Job, JobFile
+from ..store import Job, JobFile, short_id
 from .files import JobFiles
 from .openapi import document
 from .session import (
@@ -62,9 +62,6 @@ PREVIEW_CHARS = 80
 MAX_FIELD = 1000
 MAX_FORM = 8192
 _LABEL_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
-# The part of a job id that tells jobs apart: new_job_id puts 12 hex digits of creation
-# time first, shared by every job of a batch, then 20 of randomness; pages show the last 8.
-SHORT_ID = 8
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' https: data:; "
     "media-src 'self' https:; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; "
@@ -74,6 +71,9 @@ NOTICES = {
     "cancel_requested": "Cancel requested; the state changes once the provider confirms.",
     "already_finished": "The job had already finished; nothing to cancel.",
     "cancel_failed": "The cancel could not be sent to the provider (see the server log).",
+    "retried": "This job is the new attempt; it was recorded and sent.",
+    "not_retryable": "Only failed or cancelled jobs made here can be retried.",
+    "retry_failed": "The retry could not be sent to the provider (see the server log).",
 }
 HEADERS = {
     "Content-Security-Policy": CSP,
@@ -81,11 +81,6 @@ HEADERS = {
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
-
-
-def short_id(job_id: str) -> str:
-    """The distinguishing end of a job id, as pages show it (``/jobs?q=`` finds it)."""
-    return job_id[-SHORT_ID:]
 
 
 def age(seconds: float | None) -> str:
@@ -275,6 +270,7 @@ class Pages:
             Route("/jobs", self.jobs, methods=["GET"]),
             Route("/jobs/{id}", self.job, methods=["GET"]),
             Route("/jobs/{id}/cancel", self.cancel, methods=["POST"]),
+            Route("/jobs/{id}/retry", self.retry, methods=["POST"]),
             # The cached-file route of the API, under the dashboard's session check.
             Route("/jobs/{id}/files/{n}", self.files.file, methods=["GET"]),
             # {name:path}: a batch name may hold a slash (names default to input file names).
@@ -364,7 +360,7 @@ class Pages:
         except JobNotFound:
             return self.not_found(request, f"no job {clip(ref)}")
         events = await self.manager.events(job.id)
-        logs = await self.manager.logs(job.id)
+        logs = [entry for _, entry in await self.manager.logs(job.id)]
         stored, result = await self.manager.stored_result(job.id)
         files = await self.manager.job_files(job.id)
         return self.render(
@@ -460,6 +456,21 @@ class Pages:
             log.warning("cancel of %s from the dashboard failed: %s", ref, exc)
             notice = "cancel_failed"
         return await self._back_to_job(ref, notice)
+
+    async def retry(self, request: Request) -> Response:
+        if await self._form(request) is None:
+            return self._refused(request)
+        ref: str = request.path_params["id"]
+        try:
+            job = await self.manager.retry(ref)
+        except JobNotFound:
+            return self.not_found(request, f"no job {clip(ref)}")
+        except NotRetryable:
+            return await self._back_to_job(ref, "not_retryable")
+        except JobsError as exc:  # the retry is recorded; sending it ran into the provider
+            log.warning("retry of %s from the dashboard failed: %s", ref, exc)
+            return await self._back_to_job(ref, "retry_failed")
+        return await self._back_to_job(job.id, "retried")
 
     async def _back_to_job(self, ref: str, notice: str) -> Response:
         job = await self.manager.status(ref)

@@ -51,7 +51,8 @@ class JobReads:
 
     async def logs(self, request: Request) -> Response:
         job = await self.manager.status(request.path_params["id"])
-        return JSONResponse({"id": job.id, "logs": await self.manager.logs(job.id)})
+        lines = await self.manager.logs(job.id)
+        return JSONResponse({"id": job.id, "logs": [entry for _, entry in lines]})
 
     async def batches(self, request: Request) -> Response:
         query = request.query_params
