@@ -3,11 +3,16 @@ browser tests: no provider is contacted to make them."""
 
 from __future__ import annotations
 
+import hashlib
+import struct
 import time
+import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 from jobs.providers.base import Observation, RemoteRef, Submitted
 from jobs.states import FailureReason, State
+from jobs.results import DOWNLOADED, cache_path, find_files
 from jobs.store import Job, NewJob, Store
 
 APP = "fal-ai/flux/dev"
@@ -33,9 +38,42 @@ def _submitted(store: Store, job: Job, request_id: str, *, poll_in: float = 3600
     )
 
 
-def seed(store: Store) -> Seeded:
+def png(width: int = 96, height: int = 64) -> bytes:
+    """A small gradient PNG, built by hand (no imaging library needed)."""
+    rows = b"".join(
+        b"\0" + bytes(v for x in range(width) for v in (40 + x * 2, 80 + y * 2, 160))
+        for y in range(height)
+    )
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+def cache_image(store: Store, job: Job, cache_dir: Path) -> None:
+    """Record the job's result files and put the first one in the cache as downloaded."""
+    _, stored = store.result(job.id)
+    files = store.add_files(job.id, find_files(stored))
+    data = png()
+    digest = hashlib.sha256(data).hexdigest()
+    path = cache_path(cache_dir, digest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    store.set_file(job.id, files[0].n, state=DOWNLOADED, sha256=digest, size=len(data))
+
+
+def seed(store: Store, *, cache_dir: Path | None = None) -> Seeded:
     """One job per state in batch ``lighthouses`` (index = position in :class:`State`), the
-    succeeded one with an image in its result and log lines, plus one ``evil`` job."""
+    succeeded one with an image in its result (in the cache when ``cache_dir`` is given) and
+    log lines, plus one ``evil`` job."""
     made: dict[State, Job] = {}
     for index, state in enumerate(State):
         job, _ = store.create_job(
@@ -62,6 +100,8 @@ def seed(store: Store) -> Seeded:
                 logs=({"message": "done", "level": "INFO", "timestamp": "t2"},),
             )
             job = store.apply(job.id, observation).job
+            if cache_dir is not None:
+                cache_image(store, job, cache_dir)
         if state is State.FAILED:
             job = store.fail(
                 job.id, FailureReason.REMOTE_ERROR, {"message": "CUDA out of memory"}
