@@ -41,7 +41,27 @@ def help_epilog(examples: Sequence[str], env: str) -> str:
     return "\n".join(lines)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class Group(click.Group):
+    """click's group, with its usage errors said in one line like every other error."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx else "jobsctl"
+            fail(f"{exc.format_message()} (see `{where} --help`)", EXIT_USAGE)
+        except click.ClickException as exc:
+            fail(exc.format_message(), exc.exit_code)
+        except click.Abort:
+            say("interrupted")
+            sys.exit(EXIT_INTERRUPTED)
+
+
+@click.group(
+    cls=Group,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, prog_name="jobsctl")
 def main() -> None:
     """jobsctl: a persistent job manager for fal.ai's queue.

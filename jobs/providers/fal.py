@@ -364,7 +364,9 @@ class FalProvider:
                 f"request id {request_id!r} is not a fal request id (at most "
                 f"{MAX_REQUEST_ID} characters, no '/', '?', '#' or '%')"
             )
-        return self.ref_for(application, request_id)
+        ref = self.ref_for(application, request_id)
+        self._auth()  # a job that could never be polled is not worth recording
+        return ref
 
     def check(self, request: SubmitRequest) -> None:
         check_request(request)

@@ -50,10 +50,10 @@ class InvalidRequest(Exception):
 STATUS: dict[type[Exception], tuple[int, str]] = {
     JobNotFound: (404, "not_found"),
     BatchNotFound: (404, "not_found"),
+    AmbiguousJobRef: (409, "ambiguous_ref"),
+    NotRetryable: (409, "not_retryable"),
     JobNotFinished: (409, "not_finished"),
     CancelTooLate: (409, "already_finished"),
-    NotRetryable: (409, "not_retryable"),
-    AmbiguousJobRef: (409, "ambiguous_ref"),
     # The result route answers failed and cancelled jobs itself; what is left is a
     # succeeded job whose cached result was removed (``jobs gc``).
     JobFailed: (410, "result_removed"),

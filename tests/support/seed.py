@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.providers.base import Observation, RemoteRef, Submitted
-from jobs.states import FailureReason, State
 from jobs.results import DOWNLOADED, cache_path, find_files
+from jobs.states import FailureReason, State
 from jobs.store import Job, NewJob, Store
 
 APP = "fal-ai/flux/dev"
