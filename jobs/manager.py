@@ -43,7 +43,16 @@ from .errors import (
     WaitTimeout,
 )
 from .events import Completed, InProgress, Queued, Status
-from .metrics import POLL_SECONDS, POLLS, RATE_LIMIT_WAITS, RESULTS, SUBMITS
+from .metrics import (
+    DETECTION_LAG,
+    POLL_SECONDS,
+    POLLS,
+    POLLS_IN_FLIGHT,
+    RATE_LIMIT_WAITS,
+    RESULTS,
+    SUBMIT_SECONDS,
+    SUBMITS,
+)
 from .providers import create as create_provider
 from .providers.base import Observation, Provider, SubmitRequest, Submitted
 from .states import FailureReason, State
@@ -264,7 +273,8 @@ class AsyncJobManager:
             webhook_url=self._webhook_url(job) if job.webhook else None,
         )
         try:
-            submitted = await provider.submit(request)
+            with SUBMIT_SECONDS.labels(job.provider).time():
+                submitted = await provider.submit(request)
         except ProviderRejected as exc:
             SUBMITS.labels(job.provider, "rejected").inc()
             error = _error_of(exc)
@@ -428,15 +438,16 @@ class AsyncJobManager:
         provider = self.provider(job.provider)
         started = time.perf_counter()
         try:
-            observation = await provider.status(job.ref())
-            if observation.needs_result:
-                RESULTS.labels(provider.name).inc()
-                outcome = await provider.result(job.ref(), failed=observation.error is not None)
-                observation = dataclasses.replace(
-                    outcome,
-                    logs=observation.logs,
-                    metrics=observation.metrics if observation.metrics else outcome.metrics,
-                )
+            with POLLS_IN_FLIGHT.labels(provider.name).track_inprogress():
+                observation = await provider.status(job.ref())
+                if observation.needs_result:
+                    RESULTS.labels(provider.name).inc()
+                    outcome = await provider.result(job.ref(), failed=observation.error is not None)
+                    observation = dataclasses.replace(
+                        outcome,
+                        logs=observation.logs,
+                        metrics=observation.metrics if observation.metrics else outcome.metrics,
+                    )
         except ProviderError as exc:
             POLLS.labels(provider.name, "error").inc()
             retry_after = exc.retry_after if isinstance(exc, ProviderUnavailable) else None
@@ -499,6 +510,10 @@ class AsyncJobManager:
 
     def _after_apply(self, applied: Applied) -> Applied:
         done = applied.job
+        if applied.finished:
+            lag = detection_lag(done)
+            if lag is not None:
+                DETECTION_LAG.labels(done.provider).observe(lag)
         if applied.finished and done.state is State.SUCCEEDED and done.download_files:
             self.files.schedule(done.id)  # in the background: the poll goes on
         return applied
@@ -703,6 +718,17 @@ class AsyncJobManager:
         """The files of the job's result and whether each is in the cache."""
         job = await self.status(ref)
         return await self._db(self.store.files, job.id)
+
+
+def detection_lag(job: Job) -> float | None:
+    """Seconds from the remote finish to our record of it, when the provider reported its
+    run time (``metrics.inference_time``) and we saw the job running: the finish is then the
+    start plus that time. We see the start no earlier than it happened, so the figure errs
+    low, never high; a job never seen running has no figure (its queue time would count)."""
+    run = job.metrics.get("inference_time") if isinstance(job.metrics, dict) else None
+    if job.finished_at is None or job.started_at is None or not isinstance(run, int | float):
+        return None
+    return max(0.0, job.finished_at - (job.started_at + float(run)))
 
 
 def _needs_send(job: Job, created: bool) -> bool:

@@ -504,7 +504,7 @@ async def test_metrics_show_counters_and_jobs_by_state(
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     text = response.text
-    for name in ("jobs_submits", "jobs_polls", "jobs_webhooks", "jobs_poll_seconds"):
+    for name in ("jobs_submits", "jobs_polls", "jobs_webhooks", "jobs_poll_duration_seconds"):
         assert f"# TYPE {name}" in text
     assert 'jobs_by_state{state="submitting"} 1.0' in text
     assert 'jobs_by_state{state="succeeded"} 0.0' in text

@@ -34,7 +34,7 @@ from starlette.staticfiles import StaticFiles
 from ..batch import export_line
 from ..config import Secret
 from ..errors import BatchNotFound, CancelTooLate, JobNotFound, JobsError, NotRetryable
-from ..manager import AsyncJobManager
+from ..manager import AsyncJobManager, detection_lag
 from ..results import find_files
 from ..states import State
 from ..store import Job, JobFile, short_id
@@ -190,14 +190,9 @@ def timings(job: Job, now: float) -> list[tuple[str, str]]:
         rows.append(("time in queue", age(job.started_at - job.submitted_at)))
     if job.started_at is not None:
         rows.append(("running for", age((job.finished_at or now) - job.started_at)))
-    remote = (job.metrics or {}).get("inference_time") if isinstance(job.metrics, dict) else None
-    if (
-        job.finished_at is not None
-        and job.started_at is not None
-        and isinstance(remote, int | float)
-    ):
-        lag = job.finished_at - (job.started_at + float(remote))
-        rows.append(("finish detected after", f"≈{max(0.0, lag):.1f}s"))
+    lag = detection_lag(job)
+    if lag is not None:
+        rows.append(("finish detected after", f"≈{lag:.1f}s"))
     if job.finished_at is None:
         rows.append(("age", age(now - job.created_at)))
     return rows
