@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,8 +14,9 @@ from support.managers import local_settings, open_manager
 from support.seed import seed
 
 from jobs.backoff import PollPolicy
-from jobs.metrics import REGISTRY
+from jobs.metrics import REGISTRY, DatabaseCollector
 from jobs.states import State
+from jobs.store import Overview
 from jobs.testing import FakeFalConfig, FakeFalServer
 from jobs.web import create_app
 
@@ -81,3 +83,33 @@ async def test_submit_poll_and_detection_lag_are_measured(
     assert _value("jobs_poll_duration_seconds_count", provider="fal") > polls
     assert _value("jobs_detection_lag_seconds_count", provider="fal") == lags + 1
     assert _value("jobs_polls_in_flight", provider="fal") == 0
+
+
+def test_the_grafana_dashboard_asks_only_for_metrics_we_export() -> None:
+    """docs/grafana/jobs-dashboard.json stays in step with the names /metrics exports, and
+    aggregates each database metric with max (every replica reports the same value)."""
+    path = Path(__file__).resolve().parent.parent / "docs" / "grafana" / "jobs-dashboard.json"
+    dashboard = json.loads(path.read_text())
+    empty = Overview(
+        counts={},
+        failures={},
+        oldest_active=None,
+        due=0,
+        finished=0,
+        finished_requests=0,
+        leases={},
+    )
+    database = {family.name for family in DatabaseCollector(lambda: empty).collect()}
+    exported = {metric.name for metric in REGISTRY.collect()} | database
+    expressions = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    asked = {
+        re.sub(r"_(total|bucket|count|sum|info)$", "", name)
+        for expr in expressions
+        for name in re.findall(r"\b(jobs_[a-z_]+)", expr)
+    }
+    assert asked and asked <= exported, asked - exported
+    for expr in expressions:
+        for match in re.finditer(r"\b(jobs_[a-z_]+)", expr):
+            if match.group(1) in database:
+                before = expr[: match.start()]
+                assert re.search(r"max(\s*by\s*\([^)]*\))?\s*\($", before), expr
