@@ -3,7 +3,7 @@ copy them out, and let retention delete them.
 
 Why it is built this way:
 
-- fal hands media back as URLs that expire (spec/queue-protocols.md 1.7), so a job that asked
+- fal hands media back as URLs that expire (docs/protocol.md §7), so a job that asked
   for its files (``jobs submit --download``, ``JOBS_CACHE_FILES=1``) has them fetched as soon
   as it succeeds: in the background, a bounded number at a time, so the poll tick never
   waits on a download.

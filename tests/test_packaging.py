@@ -82,6 +82,8 @@ def test_wheel_runs_from_an_empty_directory(installed: Path, tmp_path: Path) -> 
         )
         version = sh(installed / "python", "-m", "jobs", "--version", cwd=work, env=env)
         assert "jobsctl, version" in version.stdout
+        demo = sh(jobsctl, "demo", "--duration", "0.5", cwd=work, env=env)
+        assert demo.stdout.count('"prompt"') >= 4
     finally:
         fake.terminate()
         fake.wait(timeout=10)

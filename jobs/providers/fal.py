@@ -1,4 +1,4 @@
-"""The fal.ai queue API (spec/queue-protocols.md, sections 1 and 2).
+"""The fal.ai queue API (docs/protocol.md).
 
 Building requests and reading replies are pure functions; :class:`FalProvider` only adds the
 lines that send, the retries and the per-provider rate gate.
@@ -44,7 +44,7 @@ _STATUS_CODE_IN_ERROR = re.compile(r"status code:?\s*(\d{3})", re.IGNORECASE)
 
 @dataclass(frozen=True)
 class AppId:
-    """An endpoint id split the way fal_client splits it (spec 1.2)."""
+    """An endpoint id split the way fal_client splits it (docs/protocol.md §2)."""
 
     owner: str
     alias: str
@@ -293,7 +293,7 @@ def observation_from_webhook(payload: Mapping[str, Any]) -> Observation:
     status = payload.get("status")
     inner = payload.get("payload")
     if inner is None and "payload_error" in payload:
-        # fal could not include the payload: the queue still has it (spec 2.3).
+        # fal could not include the payload: the queue still has it (docs/protocol.md §10).
         return Observation(state=State.IN_PROGRESS, needs_result=True, source="webhook")
     if status == "OK":
         return Observation(state=State.SUCCEEDED, result=inner, source="webhook")

@@ -32,6 +32,7 @@ from jobs.testing.fal_model import FakeFalConfig, FakeFalStats
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
 GRACEFUL_SHUTDOWN = 1
+BACKLOG = 4096
 
 
 def _uvicorn_config(fake: FakeFal, log_level: str, **extra: Any) -> uvicorn.Config:
@@ -41,7 +42,7 @@ def _uvicorn_config(fake: FakeFal, log_level: str, **extra: Any) -> uvicorn.Conf
         log_level=log_level,
         access_log=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN,
-        backlog=4096,
+        backlog=BACKLOG,
         **extra,
     )
 
@@ -59,6 +60,7 @@ def run_fake_fal(
     ``on_listening`` gets the base URL once the socket is bound (port 0: a free one)."""
     fake = FakeFal(config, private_key=private_key)
     sock = _bind(host, port)
+    sock.listen(BACKLOG)  # before announcing: early connections wait in the backlog
     bound = sock.getsockname()[1]
     on_listening(f"http://[{host}]:{bound}" if ":" in host else f"http://{host}:{bound}")
     uvicorn.Server(_uvicorn_config(fake, log_level)).run(sockets=[sock])
