@@ -1,15 +1,21 @@
 """The docs agree with the code: every variable the settings read is in the configuration
-reference, and docs/serve.md states the backoff that jobs/backoff.py implements."""
+reference, docs/serve.md states the backoff that jobs/backoff.py implements, and the guides'
+walk-throughs run as written against the emulator."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from jobs import backoff
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
+GUIDE_TIMEOUT = 120
 
 
 def test_every_variable_the_code_reads_is_documented() -> None:
@@ -23,6 +29,52 @@ def test_every_variable_the_code_reads_is_documented() -> None:
 
 def test_serve_md_states_the_backoff_in_the_code() -> None:
     text = (DOCS / "serve.md").read_text()
-    stated = f"{backoff.INITIAL:g} s, ×{backoff.FACTOR:g}, ceiling {backoff.CEILING:g} s"
+    times = "\N{MULTIPLICATION SIGN}"
+    stated = f"{backoff.INITIAL:g} s, {times}{backoff.FACTOR:g}, ceiling {backoff.CEILING:g} s"
     assert stated in text
-    assert "×1.6" not in text and "ceiling 30 s" not in text
+    assert f"{times}1.6" not in text and "ceiling 30 s" not in text
+
+
+def guide_block(name: str) -> str:
+    """The fenced block after ``<!-- guide-test: NAME -->`` in a guide."""
+    for path in (DOCS / "guides").glob("*.md"):
+        text = path.read_text()
+        marker = f"<!-- guide-test: {name} -->"
+        if marker in text:
+            after = text.split(marker, 1)[1]
+            return after.split("```", 2)[1].split("\n", 1)[1]
+    raise AssertionError(f"no guide has {name!r}")
+
+
+def run_guide(name: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run a guide's block with bash in ``tmp_path``, this venv's ``jobsctl`` first on the
+    PATH, and a bounded time."""
+    bin_dir = str(Path(sys.executable).parent)
+    environment = {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "HOME": str(tmp_path),
+        **env,
+    }
+    return subprocess.run(
+        ["bash", "-c", guide_block(name)],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=GUIDE_TIMEOUT,
+    )
+
+
+def test_the_overnight_guide_runs(tmp_path: Path) -> None:
+    done = run_guide("overnight", tmp_path, N="40")
+    assert done.returncode == 0, done.stderr[-2000:]
+    submitted = (tmp_path / "submitted.jsonl").read_text().splitlines()
+    assert len(submitted) == 40
+    again = [json.loads(line) for line in (tmp_path / "again.jsonl").read_text().splitlines()]
+    assert {job["id"] for job in again} == {json.loads(line)["id"] for line in submitted}
+    lines = [
+        json.loads(x) for x in (tmp_path / "night-1" / "results.jsonl").read_text().split("\n") if x
+    ]
+    assert [line["batch_index"] for line in lines] == list(range(1, 41))  # line numbers
+    assert {line["state"] for line in lines} <= {"succeeded", "failed"}
+    assert sum(line["state"] == "succeeded" for line in lines) >= 30
