@@ -9,9 +9,11 @@ import os
 import re
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 from jobs import backoff
+from jobs.testing import FakeFalConfig, FakeFalServer
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -78,3 +80,30 @@ def test_the_overnight_guide_runs(tmp_path: Path) -> None:
     assert [line["batch_index"] for line in lines] == list(range(1, 41))  # line numbers
     assert {line["state"] for line in lines} <= {"succeeded", "failed"}
     assert sum(line["state"] == "succeeded" for line in lines) >= 30
+
+
+def test_the_lora_guide_resumes_after_a_restart_without_a_second_submit(tmp_path: Path) -> None:
+    with FakeFalServer(FakeFalConfig(duration=2.0, queue_time=0.0, seed=21)) as fal:
+        env = {
+            "JOBS_DATABASE_URL": f"sqlite:///{tmp_path}/jobs.db",
+            "JOBS_FAL_QUEUE_URL": fal.url,
+            "FAL_KEY": "any-key",
+        }
+        code = guide_block("lora").replace('"duration": 20', '"duration": 3')
+        run = partial(
+            subprocess.run,
+            [sys.executable, "-c", code],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=GUIDE_TIMEOUT,
+        )
+        # The "kernel" gives up waiting (as a restart would) while the training runs...
+        first = run(env={**os.environ, **env, "WAIT_SECONDS": "0.5"})
+        assert first.returncode != 0 and "WaitTimeout" in first.stderr
+        assert "queued as" in first.stdout
+        # ... and the same cell, run again, waits for the same training.
+        second = run(env={**os.environ, **env})
+        assert second.returncode == 0, second.stderr[-2000:]
+        assert "queued as" in second.stdout
+        assert fal.stats.submits == 1
