@@ -4,9 +4,11 @@ walk-throughs run as written against the emulator."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from functools import partial
@@ -17,7 +19,7 @@ from jobs.testing import FakeFalConfig, FakeFalServer
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-GUIDE_TIMEOUT = 120
+GUIDE_TIMEOUT = 90
 
 
 def test_every_variable_the_code_reads_is_documented() -> None:
@@ -50,21 +52,30 @@ def guide_block(name: str) -> str:
 
 def run_guide(name: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     """Run a guide's block with bash in ``tmp_path``, this venv's ``jobsctl`` first on the
-    PATH, and a bounded time."""
+    PATH, for at most GUIDE_TIMEOUT seconds; whatever it started is stopped afterwards (it
+    runs in a process group of its own)."""
     bin_dir = str(Path(sys.executable).parent)
     environment = {
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
         "HOME": str(tmp_path),
         **env,
     }
-    return subprocess.run(
+    process = subprocess.Popen(
         ["bash", "-c", guide_block(name)],
         cwd=tmp_path,
         env=environment,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=GUIDE_TIMEOUT,
+        start_new_session=True,
     )
+    try:
+        out, err = process.communicate(timeout=GUIDE_TIMEOUT)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
 def test_the_overnight_guide_runs(tmp_path: Path) -> None:
@@ -107,3 +118,13 @@ def test_the_lora_guide_resumes_after_a_restart_without_a_second_submit(tmp_path
         assert second.returncode == 0, second.stderr[-2000:]
         assert "queued as" in second.stdout
         assert fal.stats.submits == 1
+
+
+def test_the_replicas_guide_runs_three_servers_on_postgresql(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    done = run_guide("replicas", tmp_path, JOBS_DATABASE_URL=postgres_url)
+    assert done.returncode == 0, done.stderr[-2000:]
+    batch = json.loads((tmp_path / "batch.json").read_text())
+    assert (batch["total"], batch["counts"]["succeeded"]) == (30, 30)
+    assert 'jobs_by_state{state="succeeded"} 30.0' in (tmp_path / "metrics.txt").read_text()
