@@ -177,6 +177,15 @@ async def test_job_page_shows_result_files_events_logs_and_timings(site: Site) -
     assert "time in queue" in page and "&#34;seed&#34;: 3" in page
     missing = await client.get("/jobs/nope")
     assert missing.status_code == 404 and "no job" in missing.text
+    # A prefix of several jobs (the batch's jobs share the id's time prefix) lists them.
+    first, second = seeded.by_state[State.QUEUED].id, seeded.by_state[State.IN_PROGRESS].id
+    common = 0
+    while common < 12 and first[common] == second[common]:
+        common += 1
+    shared = first[: min(common, 8)]
+    assert len(shared) >= 6
+    ambiguous = await client.get(f"/jobs/{shared}")
+    assert ambiguous.status_code == 303 and ambiguous.headers["location"] == f"/jobs?q={shared}"
 
 
 async def test_cancel_needs_this_browsers_csrf_value(site: Site) -> None:

@@ -33,7 +33,14 @@ from starlette.staticfiles import StaticFiles
 
 from ..batch import export_line
 from ..config import Secret
-from ..errors import BatchNotFound, CancelTooLate, JobNotFound, JobsError, NotRetryable
+from ..errors import (
+    AmbiguousJobRef,
+    BatchNotFound,
+    CancelTooLate,
+    JobNotFound,
+    JobsError,
+    NotRetryable,
+)
 from ..manager import AsyncJobManager, detection_lag
 from ..results import find_files
 from ..states import State
@@ -354,6 +361,8 @@ class Pages:
             job = await self.manager.status(ref)
         except JobNotFound:
             return self.not_found(request, f"no job {clip(ref)}")
+        except AmbiguousJobRef:  # a prefix of several jobs: list them
+            return RedirectResponse("/jobs?" + urlencode({"q": ref}), status_code=303)
         events = await self.manager.events(job.id)
         logs = [entry for _, entry in await self.manager.logs(job.id)]
         stored, result = await self.manager.stored_result(job.id)
