@@ -706,6 +706,10 @@ class AsyncJobManager:
         job = await self.status(ref)
         return await self._db(self.store.result, job.id)
 
+    async def failures(self, *, batch: str | None = None) -> dict[str, int]:
+        """Failed jobs by failure reason, most frequent first (of one batch when given)."""
+        return await self._db(self.store.failures, batch=batch)
+
     async def batch_jobs(self, name: str) -> list[Job]:
         """Every job of a batch, in input order."""
         return await self._db(self.store.batch_jobs, name)

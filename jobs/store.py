@@ -1247,14 +1247,6 @@ class Store:
                     )
                 }
             )
-            failures: dict[str | None, int] = dict(
-                conn.execute(
-                    select(jobs.c.failure_reason, func.count())
-                    .where(jobs.c.state == State.FAILED.value)
-                    .group_by(jobs.c.failure_reason)
-                    .order_by(func.count().desc())
-                ).all()
-            )
             oldest = conn.execute(
                 select(jobs)
                 .where(jobs.c.state.in_(active))
@@ -1277,7 +1269,7 @@ class Store:
             )
             return Overview(
                 counts=counts,
-                failures={str(reason or "unknown"): n for reason, n in failures.items()},
+                failures=_failures(conn, batch=None),
                 oldest_active=Job.from_row(oldest) if oldest is not None else None,
                 due=due,
                 finished=finished,
@@ -1286,6 +1278,10 @@ class Store:
             )
 
         return self._tx(tx, write=False)
+
+    def failures(self, *, batch: str | None = None) -> dict[str, int]:
+        """Failed jobs by failure reason, most frequent first (of one batch when given)."""
+        return self._tx(partial(_failures, batch=batch), write=False)
 
     def batches(
         self, *, active_only: bool = False, name: str | None = None, limit: int = 100
@@ -1501,6 +1497,18 @@ def _files_of(conn: Connection, job_ids: Sequence[str]) -> dict[str, list[JobFil
     for row in rows:
         found.setdefault(row.job_id, []).append(JobFile(**row._mapping))
     return found
+
+
+def _failures(conn: Connection, *, batch: str | None) -> dict[str, int]:
+    query = (
+        select(jobs.c.failure_reason, func.count())
+        .where(jobs.c.state == State.FAILED.value)
+        .group_by(jobs.c.failure_reason)
+        .order_by(func.count().desc())
+    )
+    if batch is not None:
+        query = query.where(jobs.c.batch == batch)
+    return {str(reason or "unknown"): n for reason, n in conn.execute(query)}
 
 
 def _transient(exc: DBAPIError) -> bool:

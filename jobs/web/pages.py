@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -45,8 +44,10 @@ from ..manager import AsyncJobManager, detection_lag
 from ..results import find_files
 from ..states import State
 from ..store import Job, JobFile, short_id
+from .errors import InvalidRequest
 from .files import JobFiles
 from .openapi import document
+from .params import int_param, label_param, state_param
 from .session import (
     CSRF_FIELD,
     SESSION_COOKIE,
@@ -68,7 +69,6 @@ REFRESH_SECONDS = 5
 PREVIEW_CHARS = 80
 MAX_FIELD = 1000
 MAX_FORM = 8192
-_LABEL_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' https: data:; "
     "media-src 'self' https:; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; "
@@ -223,35 +223,8 @@ def _text(raw: str | None, name: str) -> str | None:
     if raw is None or not raw.strip():
         return None
     if len(raw) > MAX_FIELD:
-        raise ValueError(f"'{name}' is longer than {MAX_FIELD} characters")
+        raise InvalidRequest(f"'{name}' is longer than {MAX_FIELD} characters", field=name)
     return raw.strip()
-
-
-def _state(raw: str | None) -> State | None:
-    if raw is None:
-        return None
-    try:
-        return State(raw)
-    except ValueError:
-        raise ValueError(f"'state' must be one of {', '.join(State)}") from None
-
-
-def _label(raw: str | None) -> tuple[str, str] | None:
-    if raw is None:
-        return None
-    key, sep, value = raw.partition("=")
-    # The key becomes a JSON path in the query: only plain names are accepted.
-    if not sep or not _LABEL_KEY.match(key):
-        raise ValueError("'label' must be KEY=VALUE, the key letters, digits, '_', '.' or '-'")
-    return key, value
-
-
-def _limit(raw: str | None) -> int:
-    if raw is None:
-        return PAGE
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
-        raise ValueError(f"'limit' must be a number from 1 to {MAX_PAGE}")
-    return int(raw)
 
 
 class Pages:
@@ -328,10 +301,10 @@ class Pages:
                 name: _text(query.get(name), name)
                 for name in ("q", "state", "application", "batch", "label", "before", "limit")
             }
-            state = _state(filters["state"])
-            label = _label(filters["label"])
-            limit = _limit(filters["limit"])
-        except ValueError as exc:
+            state = state_param(filters["state"])
+            label = label_param(filters["label"])
+            limit = int_param(filters["limit"], "limit", default=PAGE, maximum=MAX_PAGE)
+        except InvalidRequest as exc:
             return self.render(request, "error.html", 422, title="bad filter", message=str(exc))
         found = await self.manager.list_jobs(
             state=state,
@@ -388,11 +361,7 @@ class Pages:
         except BatchNotFound:
             return self.not_found(request, f"no batch {clip(name)}")
         jobs = await self.manager.list_jobs(batch=name, limit=MAX_PAGE)
-        failures: dict[str, int] = {}
-        for job in jobs:
-            if job.state is State.FAILED:
-                reason = job.failure_reason or "unknown"
-                failures[reason] = failures.get(reason, 0) + 1
+        failures = await self.manager.failures(batch=name)
         return self.render(
             request,
             "batch.html",

@@ -10,26 +10,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..manager import AsyncJobManager
-from .errors import InvalidRequest
+from .params import flag_param, int_param
 
 DEFAULT_BATCHES = 100
 MAX_BATCHES = 1000
-
-
-def _batch_limit(raw: str | None) -> int:
-    if raw is None:
-        return DEFAULT_BATCHES
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_BATCHES:
-        raise InvalidRequest(f"'limit' must be an integer from 1 to {MAX_BATCHES}", field="limit")
-    return int(raw)
-
-
-def _flag(raw: str | None, name: str) -> bool:
-    if raw is None or raw in ("0", "false"):
-        return False
-    if raw in ("1", "true"):
-        return True
-    raise InvalidRequest(f"'{name}' must be true or false", field=name)
 
 
 class JobReads:
@@ -57,8 +41,10 @@ class JobReads:
     async def batches(self, request: Request) -> Response:
         query = request.query_params
         found = await self.manager.batches(
-            active_only=_flag(query.get("active"), "active"),
-            limit=_batch_limit(query.get("limit")),
+            active_only=flag_param(query.get("active"), "active"),
+            limit=int_param(
+                query.get("limit"), "limit", default=DEFAULT_BATCHES, maximum=MAX_BATCHES
+            ),
         )
         now = time.time()
         return JSONResponse({"batches": [batch.to_dict(now) for batch in found]})
