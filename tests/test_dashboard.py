@@ -49,7 +49,7 @@ async def make_site(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         manager = await context.__aenter__()
         client = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=create_app(manager, settings=settings)),
-            base_url="http://testserver",
+            base_url="http://localhost",
         )
         opened.append((context, client))
         return client, manager, seed(manager.store)

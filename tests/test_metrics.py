@@ -46,7 +46,7 @@ async def test_names_build_info_and_database_metrics(tmp_path: Path, fal: FakeFa
     async with open_manager(settings) as manager:
         seed(manager.store)
         transport = httpx.ASGITransport(app=create_app(manager, settings=settings))
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             text = (await client.get("/metrics")).text
     samples = _samples(text)
     assert not [k for k in samples if "_created" in k]

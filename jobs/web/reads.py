@@ -10,6 +10,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..manager import AsyncJobManager
+from .api import job_ref
 from .params import flag_param, int_param
 
 DEFAULT_BATCHES = 100
@@ -30,11 +31,11 @@ class JobReads:
         ]
 
     async def events(self, request: Request) -> Response:
-        job = await self.manager.status(request.path_params["id"])
+        job = await self.manager.status(job_ref(request))
         return JSONResponse({"id": job.id, "events": await self.manager.events(job.id)})
 
     async def logs(self, request: Request) -> Response:
-        job = await self.manager.status(request.path_params["id"])
+        job = await self.manager.status(job_ref(request))
         lines = await self.manager.logs(job.id)
         return JSONResponse({"id": job.id, "logs": [entry for _, entry in lines]})
 

@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..manager import AsyncJobManager
+from .api import job_ref
 
 
 class Retries:
@@ -21,5 +22,5 @@ class Retries:
         return [Route("/v1/jobs/{id}/retry", self.retry, methods=["POST"])]
 
     async def retry(self, request: Request) -> Response:
-        job = await self.manager.retry(request.path_params["id"])
+        job = await self.manager.retry(job_ref(request))
         return JSONResponse(job.to_dict(), status_code=202)
