@@ -334,3 +334,19 @@ async def test_retry_from_the_page_and_the_api(make_site: Callable[..., Any]) ->
         assert again.json()["id"] == api.json()["id"]  # asking twice makes one retry
         refused = await client.post(f"/v1/jobs/{seeded.by_state[State.QUEUED].id}/retry")
         assert refused.status_code == 409 and refused.json()["error"]["type"] == "not_retryable"
+
+
+async def test_pages_answer_only_to_this_servers_names_and_origin(site: Site) -> None:
+    client, manager, seeded = site
+    job = seeded.by_state[State.SUBMITTING]
+    for path in ("/", "/jobs", f"/jobs/{job.id}", f"/batches/{seeded.batch}", "/login"):
+        rebound = await client.get(path, headers={"host": "attacker.example"})
+        assert rebound.status_code == 421, path
+    await client.get(f"/jobs/{job.id}")
+    foreign = await client.post(
+        f"/jobs/{job.id}/cancel",
+        data={"csrf": _csrf(client)},
+        headers={"origin": "https://attacker.example"},
+    )
+    assert foreign.status_code == 403
+    assert (await manager.status(job.id)).state is State.SUBMITTING
