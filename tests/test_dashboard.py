@@ -239,6 +239,8 @@ async def test_login_sets_a_derived_cookie_and_logout_ends_it(
     assert (await client.get(target)).status_code == 303
     client.cookies.set(SESSION_COOKIE, "1.forged")
     assert (await client.get(target)).status_code == 303
+    live = await client.get(target, headers={"hx-request": "true"})  # a refresh, logged out
+    assert live.status_code == 401 and live.headers["hx-redirect"].startswith("/login?next=")
     bearer = await client.get(target, headers={"authorization": f"Bearer {TOKEN}"})
     assert bearer.status_code == 200
 

@@ -124,15 +124,17 @@ class SessionAuth:
         ):
             await self.app(scope, receive, send)
             return
+        here = URL(scope=scope)
+        target = here.path + (f"?{here.query}" if here.query else "")
+        location = f"{LOGIN_PATH}?next={quote(target, safe='')}"
         response: Response
-        if request.method not in ("GET", "HEAD"):
+        if request.headers.get("hx-request"):
+            # A live refresh after the session ended: a redirect would be followed inside
+            # htmx's request and swap the login form into the page; this loads /login.
+            response = error_response(401, "unauthorized", "log in at /login first")
+            response.headers["HX-Redirect"] = location
+        elif request.method not in ("GET", "HEAD"):
             response = error_response(401, "unauthorized", "log in at /login first")
         else:
-            here = URL(scope=scope)
-            target = here.path + (f"?{here.query}" if here.query else "")
-            location = f"{LOGIN_PATH}?next={quote(target, safe='')}"
             response = RedirectResponse(location, status_code=303)
-            if request.headers.get("hx-request"):
-                # htmx follows a redirect inside its request; this makes it load the page.
-                response.headers["HX-Redirect"] = location
         await response(scope, receive, send)
