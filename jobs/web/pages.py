@@ -43,7 +43,7 @@ from ..errors import (
 from ..manager import AsyncJobManager, detection_lag
 from ..results import find_files
 from ..states import State
-from ..store import Job, JobFile, short_id
+from ..store import Job, JobFile, iso, short_id
 from .errors import InvalidRequest
 from .files import JobFiles
 from .openapi import document
@@ -119,12 +119,6 @@ def pretty(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, indent=2, default=str)
 
 
-def when(ts: float | None) -> str:
-    if ts is None:
-        return "—"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
-
-
 def web_url(url: str | None) -> str | None:
     """``url`` when it is an http(s) URL a page may link to; anything else (``javascript:``,
     ``data:``) is never put into a link."""
@@ -186,10 +180,10 @@ def timings(job: Job, now: float) -> list[tuple[str, str]]:
     """The job's life in durations: waiting to be sent, queued remotely, running, and how
     long after the remote finish we knew (from the provider's own run time, when given)."""
     rows = [
-        ("recorded", when(job.created_at)),
-        ("sent", when(job.submitted_at)),
-        ("started", when(job.started_at)),
-        ("finished", when(job.finished_at)),
+        ("recorded", iso(job.created_at) or "—"),
+        ("sent", iso(job.submitted_at) or "—"),
+        ("started", iso(job.started_at) or "—"),
+        ("finished", iso(job.finished_at) or "—"),
     ]
     if job.submitted_at is not None:
         rows.append(("time to send", age(job.submitted_at - job.created_at)))
@@ -212,9 +206,7 @@ def _environment() -> Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(
-        short=short_id, age=age, when=when, preview=preview, pretty=pretty, clip=clip
-    )
+    env.filters.update(short=short_id, age=age, iso=iso, preview=preview, pretty=pretty, clip=clip)
     env.globals.update(states=list(State), refresh=REFRESH_SECONDS, csrf_field=CSRF_FIELD)
     return env
 
