@@ -147,7 +147,14 @@ async def test_filters_and_pagination(site: Site) -> None:
         if url is None:
             break
     assert url is None and len(seen) == 7
-    for bad in ({"state": "done"}, {"limit": "0"}, {"label": 'a"b=c'}, {"label": "novalue"}):
+    bad_filters = (
+        {"state": "done"},
+        {"limit": "0"},
+        {"limit": "²"},  # a digit to str.isdigit, not to int()
+        {"label": 'a"b=c'},
+        {"label": "novalue"},
+    )
+    for bad in bad_filters:
         response = await client.get("/jobs", params=bad)
         assert response.status_code == 422 and "must" in response.text, bad
 
@@ -298,7 +305,8 @@ async def test_read_api_events_logs_and_batches(site: Site) -> None:
     active = (await client.get("/v1/batches", params={"active": "true"})).json()["batches"]
     assert [b["name"] for b in active] == [seeded.batch]
     assert (await client.get("/v1/batches/nope")).status_code == 404
-    assert (await client.get("/v1/batches", params={"limit": "0"})).status_code == 422
+    for limit in ("0", "²", "1001"):
+        assert (await client.get("/v1/batches", params={"limit": limit})).status_code == 422
     export = await client.get("/export.jsonl", params={"batch": seeded.batch})
     lines = export.text.splitlines()
     assert len(lines) == 6 and '"result": {"images"' in lines[3]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+from ..config import decimal
 from ..states import State
 from .errors import InvalidRequest
 
@@ -16,9 +17,10 @@ def int_param(raw: str | None, name: str, *, default: int, maximum: int) -> int:
     """A whole number from 1 to ``maximum``; ``default`` when absent."""
     if raw is None:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= maximum:
+    value = decimal(raw)
+    if value is None or not 1 <= value <= maximum:
         raise InvalidRequest(f"'{name}' must be an integer from 1 to {maximum}", field=name)
-    return int(raw)
+    return value
 
 
 def state_param(raw: str | None) -> State | None:

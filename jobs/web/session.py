@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..config import Secret
+from ..config import Secret, decimal
 from .errors import error_response
 
 SESSION_COOKIE = "jobs_session"
@@ -57,10 +57,11 @@ def valid_session(token: Secret, value: str | None, *, now: float | None = None)
     if not value:
         return False
     issued, _, signature = value.partition(".")
-    if not issued.isdigit():
+    seconds = decimal(issued)
+    if seconds is None:
         return False
     now = time.time() if now is None else now
-    if not 0 <= now - int(issued) <= SESSION_SECONDS:
+    if not 0 <= now - seconds <= SESSION_SECONDS:
         return False
     return hmac.compare_digest(signature, _signature(token, issued))
 
