@@ -9,8 +9,9 @@
 - ``/login`` and ``/logout`` (see :mod:`jobs.web.session`); ``GET /docs``: the HTTP API.
 
 Templates live in ``jobs/web/templates`` (Jinja2, autoescaped: everything shown comes from
-users or remote services), styles and the vendored htmx (live updates of the ``#live``
-region without reloading the page) in ``jobs/web/static``. The Content-Security-Policy
+users or remote services), styles and the vendored htmx 2.0.11 (0BSD licence, from the
+``htmx.org`` npm package: live updates of the ``#live`` region without reloading the page)
+in ``jobs/web/static``. The Content-Security-Policy
 allows scripts, styles and connections from this origin only, so nothing inline runs even
 if escaping were ever missed. Pages read only through the manager's public API.
 """
