@@ -43,6 +43,12 @@ class JobNotFound(JobsError):
         self.ref = ref
 
 
+class BatchNotFound(JobsError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no batch named {name!r} (a batch is named at submit, with --batch)")
+        self.name = name
+
+
 class AmbiguousJobRef(JobsError):
     """A prefix matching several jobs: the message lists some of them."""
 

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .backoff import NextPoll, PollPolicy, next_poll
 from .config import Settings, decimal
 from .errors import (
+    BatchNotFound,
     CancelTooLate,
     ConfigError,
     JobFailed,
@@ -46,17 +47,29 @@ from .errors import (
 )
 from .events import Completed, InProgress, Queued, Status
 from .handles import AsyncJobHandle, SyncJobHandle
-from .metrics import POLL_SECONDS, POLLS, RATE_LIMIT_WAITS, RESULTS, SUBMITS
+from .metrics import (
+    DETECTION_LAG,
+    POLL_SECONDS,
+    POLLS,
+    POLLS_IN_FLIGHT,
+    RATE_LIMIT_WAITS,
+    RESULTS,
+    SUBMIT_SECONDS,
+    SUBMITS,
+)
 from .providers import create as create_provider
 from .providers.base import Observation, Provider, SubmitRequest, Submitted
 from .states import FailureReason, State
 from .store import (
     Applied,
+    BatchProgress,
     BeginSubmit,
     Change,
     Job,
+    JobFile,
     MarkSubmitted,
     NewJob,
+    Overview,
     Store,
     column_length,
 )
@@ -322,7 +335,8 @@ class AsyncJobManager:
             start_timeout=job.start_timeout,
         )
         try:
-            submitted = await provider.submit(request)
+            with SUBMIT_SECONDS.labels(job.provider).time():
+                submitted = await provider.submit(request)
         except ProviderRejected as exc:
             SUBMITS.labels(job.provider, "rejected").inc()
             error = _error_of(exc)
@@ -485,9 +499,13 @@ class AsyncJobManager:
         batch: str | None = None,
         limit: int = 100,
         before: str | None = None,
+        label: tuple[str, str] | None = None,
+        search: str | None = None,
     ) -> list[Job]:
         """A page of jobs, newest first, in ``state`` or any of ``states`` when given;
-        ``before`` is the last id of the previous page."""
+        ``before`` is the last id of the previous page. ``label`` is a ``(key, value)`` pair;
+        ``search`` an id, id prefix or suffix, request id or idempotency key (see
+        :meth:`jobs.store.Store.list_jobs`)."""
         return await self._db(
             self.store.list_jobs,
             states=[*(states or ()), *([state] if state else [])],
@@ -495,6 +513,8 @@ class AsyncJobManager:
             batch=batch,
             limit=limit,
             before=before,
+            label=label,
+            search=search,
         )
 
     async def count_by_state(self) -> dict[State, int]:
@@ -509,15 +529,16 @@ class AsyncJobManager:
         provider = self.provider(job.provider)
         started = time.perf_counter()
         try:
-            observation = await provider.status(job.ref())
-            if observation.needs_result:
-                RESULTS.labels(provider.name).inc()
-                outcome = await provider.result(job.ref(), failed=observation.error is not None)
-                observation = dataclasses.replace(
-                    outcome,
-                    logs=observation.logs,
-                    metrics=observation.metrics if observation.metrics else outcome.metrics,
-                )
+            with POLLS_IN_FLIGHT.labels(provider.name).track_inprogress():
+                observation = await provider.status(job.ref())
+                if observation.needs_result:
+                    RESULTS.labels(provider.name).inc()
+                    outcome = await provider.result(job.ref(), failed=observation.error is not None)
+                    observation = dataclasses.replace(
+                        outcome,
+                        logs=observation.logs,
+                        metrics=observation.metrics if observation.metrics else outcome.metrics,
+                    )
         except ProviderError as exc:
             POLLS.labels(provider.name, "error").inc()
             retry_after = exc.retry_after if isinstance(exc, ProviderUnavailable) else None
@@ -580,6 +601,10 @@ class AsyncJobManager:
 
     def _after_apply(self, applied: Applied) -> Applied:
         done = applied.job
+        if applied.finished:
+            lag = detection_lag(done)
+            if lag is not None:
+                DETECTION_LAG.labels(done.provider).observe(lag)
         if applied.finished and done.state is State.SUCCEEDED and done.download_files:
             self.files.schedule(done.id)  # in the background: the poll goes on
         return applied
@@ -850,6 +875,57 @@ class AsyncJobManager:
         if not accepted or job.state is not State.CANCELLED:
             raise CancelTooLate(job.id, job.state.value)
         return job
+
+    # --- reading for pages and reports ---------------------------------------------------
+
+    async def overview(self) -> Overview:
+        """Database-wide figures: counts, failures by reason, backlog, leases."""
+        return await self._db(self.store.overview)
+
+    async def batches(self, *, active_only: bool = False, limit: int = 100) -> list[BatchProgress]:
+        """Batches, newest first (only those with an unfinished job when ``active_only``)."""
+        return await self._db(self.store.batches, active_only=active_only, limit=limit)
+
+    async def batch(self, name: str) -> BatchProgress:
+        """One batch's progress; raises :class:`BatchNotFound` when it has no job."""
+        found = await self._db(self.store.batches, name=name, limit=1)
+        if not found:
+            raise BatchNotFound(name)
+        return found[0]
+
+    async def stored_result(self, ref: str) -> tuple[bool, Any]:
+        """``(True, data)`` when the job's result is stored, else ``(False, None)``; never
+        waits and never asks the provider."""
+        job = await self.status(ref)
+        return await self._db(self.store.result, job.id)
+
+    async def failures(self, *, batch: str | None = None) -> dict[str, int]:
+        """Failed jobs by failure reason, most frequent first (of one batch when given)."""
+        return await self._db(self.store.failures, batch=batch)
+
+    async def batch_jobs(self, name: str) -> list[Job]:
+        """Every job of a batch, in input order."""
+        return await self._db(self.store.batch_jobs, name)
+
+    async def stored_results(self, job_ids: Sequence[str]) -> dict[str, Any]:
+        """The stored results of these jobs, by id (jobs without one are absent)."""
+        return await self._db(self.store.results_of, job_ids)
+
+    async def job_files(self, ref: str) -> list[JobFile]:
+        """The files of the job's result and whether each is in the cache."""
+        job = await self.status(ref)
+        return await self._db(self.store.files, job.id)
+
+
+def detection_lag(job: Job) -> float | None:
+    """Seconds from the remote finish to our record of it, when the provider reported its
+    run time (``metrics.inference_time``) and we saw the job running: the finish is then the
+    start plus that time. We see the start no earlier than it happened, so the figure errs
+    low, never high; a job never seen running has no figure (its queue time would count)."""
+    run = job.metrics.get("inference_time") if isinstance(job.metrics, dict) else None
+    if job.finished_at is None or job.started_at is None or not isinstance(run, int | float):
+        return None
+    return max(0.0, job.finished_at - (job.started_at + float(run)))
 
 
 def _needs_send(job: Job, created: bool) -> bool:

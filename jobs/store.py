@@ -449,6 +449,72 @@ class GcBatch:
 
 
 @dataclass(frozen=True)
+class BatchProgress:
+    """How far a batch has come: jobs per state, when it started and when a job last finished."""
+
+    name: str
+    counts: dict[State, int]
+    started_at: float
+    last_finished_at: float | None
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def done(self) -> int:
+        return sum(n for state, n in self.counts.items() if state.terminal)
+
+    @property
+    def active(self) -> bool:
+        return self.done < self.total
+
+    def rate(self, now: float) -> float | None:
+        """Jobs finished per second since the batch's first job was recorded."""
+        end = now if self.active else (self.last_finished_at or now)
+        elapsed = end - self.started_at
+        return self.done / elapsed if self.done and elapsed > 0 else None
+
+    def eta(self, now: float) -> float | None:
+        """Seconds until every job is finished at the rate so far (None: no rate yet)."""
+        rate = self.rate(now)
+        if not self.active:
+            return 0.0
+        return (self.total - self.done) / rate if rate else None
+
+    def to_dict(self, now: float) -> dict[str, Any]:
+        """The public JSON shape (``GET /v1/batches``)."""
+        return {
+            "name": self.name,
+            "total": self.total,
+            "done": self.done,
+            "counts": {state.value: self.counts.get(state, 0) for state in State},
+            "started_at": iso(self.started_at),
+            "last_finished_at": iso(self.last_finished_at),
+            "rate_per_second": self.rate(now),
+            "eta_seconds": self.eta(now),
+        }
+
+
+@dataclass(frozen=True)
+class Overview:
+    """Database-wide figures for the dashboard and the metrics, read in one transaction."""
+
+    counts: dict[State, int]
+    failures: dict[str, int]  # failed jobs by failure reason
+    oldest_active: Job | None  # the unfinished job recorded first
+    due: int  # active jobs whose next poll time has passed
+    finished: int
+    # Remote requests (submit attempts and status polls) spent on the finished jobs.
+    finished_requests: int
+    leases: dict[str, int]  # unexpired poll leases by owner (replica)
+
+    @property
+    def requests_per_finished(self) -> float | None:
+        return self.finished_requests / self.finished if self.finished else None
+
+
+@dataclass(frozen=True)
 class NewUpload:
     """What :meth:`Store.begin_upload` / :meth:`Store.finish_upload` record of an upload."""
 
@@ -1004,13 +1070,38 @@ class Store:
         batch: str | None = None,
         limit: int = 100,
         before: str | None = None,
+        label: tuple[str, str] | None = None,
+        search: str | None = None,
     ) -> list[Job]:
-        """Newest first; ``before`` is the id of the last job of the previous page. A filter
-        no stored value can equal (a NUL, too long) matches nothing."""
-        filters = ((application, "application"), (batch, "batch"), (before, "request_id"))
+        """Newest first; ``before`` is the id of the last job of the previous page.
+
+        ``label`` is a ``(key, value)`` the job's labels must hold; ``search`` takes what
+        :meth:`get` takes (an id, request id, idempotency key, a prefix of the id or of its
+        short id) and lists every job it names. A filter no stored value can equal (a NUL,
+        too long) matches nothing."""
+        filters = (
+            (application, "application"),
+            (batch, "batch"),
+            (before, "request_id"),
+            (search, "idempotency_key"),
+            (label[1] if label else None, "idempotency_key"),
+        )
         if any(value is not None and not _storable(value, column) for value, column in filters):
             return []
         query = select(jobs).order_by(jobs.c.id.desc()).limit(limit)
+        if label is not None:
+            key, value = label
+            query = query.where(jobs.c.labels[key].as_string() == value)
+        if search is not None:
+            named = [
+                jobs.c.id == search,
+                jobs.c.request_id == search,
+                jobs.c.idempotency_key == search,
+            ]
+            if is_id_prefix(search):  # the same prefixes as get(), listed instead of refused
+                named.append(and_(jobs.c.id >= search, jobs.c.id < search + "g"))
+                named.append(func.substr(jobs.c.id, SHORT_ID_START + 1, len(search)) == search)
+            query = query.where(or_(*named))
         if states:
             query = query.where(jobs.c.state.in_([s.value for s in states]))
         if application is not None:
@@ -1276,6 +1367,104 @@ class Store:
         for chunk in _chunks(digests):
             found.update(self._tx(partial(_referenced, digests=chunk), write=False))
         return found
+
+    # --- figures for the dashboard, the batch API and the metrics ------------------------
+
+    def overview(self, *, now: float | None = None) -> Overview:
+        """Counts, failures, backlog, request economy and leases across the whole database."""
+        now = time.time() if now is None else now
+        active = [s.value for s in ACTIVE]
+        terminal = [s.value for s in State if s.terminal]
+
+        def tx(conn: Connection) -> Overview:
+            counts = dict.fromkeys(State, 0)
+            counts.update(
+                {
+                    State(state): n
+                    for state, n in conn.execute(
+                        select(jobs.c.state, func.count()).group_by(jobs.c.state)
+                    )
+                }
+            )
+            oldest = conn.execute(
+                select(jobs)
+                .where(jobs.c.state.in_(active))
+                .order_by(jobs.c.created_at, jobs.c.id)
+                .limit(1)
+            ).first()
+            due = conn.execute(select(func.count()).where(jobs.c.next_poll_at <= now)).scalar_one()
+            finished, requests = conn.execute(
+                select(
+                    func.count(), func.coalesce(func.sum(jobs.c.attempts + jobs.c.polls), 0)
+                ).where(jobs.c.state.in_(terminal))
+            ).one()
+            leases: dict[str, int] = dict(
+                conn.execute(
+                    select(jobs.c.lease_owner, func.count())
+                    .where(jobs.c.lease_owner.is_not(None), jobs.c.lease_expires_at > now)
+                    .group_by(jobs.c.lease_owner)
+                    .order_by(jobs.c.lease_owner)
+                ).all()
+            )
+            return Overview(
+                counts=counts,
+                failures=_failures(conn, batch=None),
+                oldest_active=Job.from_row(oldest) if oldest is not None else None,
+                due=due,
+                finished=finished,
+                finished_requests=int(requests),
+                leases=leases,
+            )
+
+        return self._tx(tx, write=False)
+
+    def failures(self, *, batch: str | None = None) -> dict[str, int]:
+        """Failed jobs by failure reason, most frequent first (of one batch when given)."""
+        return self._tx(partial(_failures, batch=batch), write=False)
+
+    def batches(
+        self, *, active_only: bool = False, name: str | None = None, limit: int = 100
+    ) -> list[BatchProgress]:
+        """Batches, newest first: all, those with an unfinished job, or the one named."""
+        query = (
+            select(
+                jobs.c.batch,
+                jobs.c.state,
+                func.count(),
+                func.min(jobs.c.created_at),
+                func.max(jobs.c.finished_at),
+            )
+            .where(jobs.c.batch.is_not(None))
+            .group_by(jobs.c.batch, jobs.c.state)
+        )
+        if name is not None:
+            query = query.where(jobs.c.batch == name)
+        if active_only:
+            unfinished = select(jobs.c.batch).where(
+                jobs.c.state.in_([s.value for s in ACTIVE]), jobs.c.batch.is_not(None)
+            )
+            query = query.where(jobs.c.batch.in_(unfinished))
+        rows = self._tx(lambda conn: conn.execute(query).all(), write=False)
+        found: dict[str, dict[str, Any]] = {}
+        for batch, state, n, started, finished in rows:
+            entry = found.setdefault(
+                batch, {"counts": dict.fromkeys(State, 0), "started": started, "finished": None}
+            )
+            entry["counts"][State(state)] = n
+            entry["started"] = min(entry["started"], started)
+            if finished is not None:
+                entry["finished"] = max(entry["finished"] or finished, finished)
+        progress = [
+            BatchProgress(
+                name=batch,
+                counts=entry["counts"],
+                started_at=entry["started"],
+                last_finished_at=entry["finished"],
+            )
+            for batch, entry in found.items()
+        ]
+        progress.sort(key=lambda b: b.started_at, reverse=True)
+        return progress[:limit]
 
     # --- uploads to the CDN (jobs/uploads.py) ---------------------------------------------
 
@@ -1595,6 +1784,18 @@ def _files_of(conn: Connection, job_ids: Sequence[str]) -> dict[str, list[JobFil
     for row in rows:
         found.setdefault(row.job_id, []).append(JobFile(**row._mapping))
     return found
+
+
+def _failures(conn: Connection, *, batch: str | None) -> dict[str, int]:
+    query = (
+        select(jobs.c.failure_reason, func.count())
+        .where(jobs.c.state == State.FAILED.value)
+        .group_by(jobs.c.failure_reason)
+        .order_by(func.count().desc())
+    )
+    if batch is not None:
+        query = query.where(jobs.c.batch == batch)
+    return {str(reason or "unknown"): n for reason, n in conn.execute(query)}
 
 
 def _transient(exc: DBAPIError) -> bool:

@@ -251,7 +251,7 @@ def test_the_protected_operations_are_the_ones_guarded() -> None:
     above covers every guarded route, and guarded routes are all documented as such."""
     documented = {path for path, _ in PROTECTED}
     assert documented == {path for path in PATHS if protected(path)}
-    assert {"/", "/v1/jobs", "/v1/jobs/{id}", "/v1/jobs/{id}/result"} <= documented
+    assert {"/v1/jobs", "/v1/jobs/{id}", "/v1/jobs/{id}/result", "/v1/batches"} <= documented
 
 
 # --- raw requests --------------------------------------------------------------------------

@@ -17,12 +17,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..config import decimal
 from ..errors import ConfigError, JobFailed
 from ..manager import AsyncJobManager
 from ..states import FailureReason, State
 from ..store import Job, check_column_text, column_length
 from .errors import InvalidRequest, error_response
+from .params import int_param, state_param
 
 # Fields of POST /v1/jobs and whether each is required; openapi.py documents the same set.
 SUBMIT_FIELDS = {
@@ -134,25 +134,6 @@ def parse_submit(raw: bytes) -> dict[str, Any]:
     }
 
 
-def _limit(raw: str | None) -> int:
-    if raw is None:
-        return DEFAULT_PAGE
-    value = decimal(raw)
-    if value is None or not 1 <= value <= MAX_PAGE:
-        raise InvalidRequest(f"'limit' must be an integer from 1 to {MAX_PAGE}", field="limit")
-    return value
-
-
-def _state(raw: str | None) -> State | None:
-    if raw is None:
-        return None
-    try:
-        return State(raw)
-    except ValueError:
-        names = ", ".join(s.value for s in State)
-        raise InvalidRequest(f"'state' must be one of {names}", field="state") from None
-
-
 def _cursor(raw: str | None) -> str | None:
     if raw is not None and (not raw or len(raw) > MAX_CURSOR or "\x00" in raw):
         raise InvalidRequest("'cursor' is not a cursor this server returned", field="cursor")
@@ -225,9 +206,9 @@ class JobsApi:
 
     async def list_jobs(self, request: Request) -> Response:
         query = request.query_params
-        limit = _limit(query.get("limit"))
+        limit = int_param(query.get("limit"), "limit", default=DEFAULT_PAGE, maximum=MAX_PAGE)
         jobs = await self.manager.list_jobs(
-            state=_state(query.get("state")),
+            state=state_param(query.get("state")),
             application=query_text(request, "application", column_length("application")),
             batch=query_text(request, "batch", column_length("batch")),
             limit=limit + 1,

@@ -20,12 +20,15 @@ from ..manager import AsyncJobManager
 from ..metrics import WEBHOOKS
 from ..providers.jwks import JwksCache
 from .api import SUBMIT_PATH, JobsApi
-from .dashboard import Dashboard
 from .errors import exception_handlers
 from .files import JobFiles
 from .middleware import BearerAuth, BodySizeLimit, HostCheck, RedactSecrets, RequestId, ServedHosts
 from .openapi import OpenApi
 from .ops import Ops
+from .pages import Pages
+from .reads import JobReads
+from .retries import Retries
+from .session import SessionAuth
 from .webhooks import FAL_PATH, FalWebhooks
 
 DEFAULT_BODY_LIMIT = 2 * 1024 * 1024
@@ -35,9 +38,21 @@ LifespanHook = tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]
 
 
 def protected(path: str) -> bool:
-    """The paths that need the API token when one is set: the job API and the dashboard.
-    Webhooks (signed), health, metrics and the OpenAPI document stay open."""
-    return path == "/" or path == "/v1/jobs" or path.startswith("/v1/jobs/")
+    """The API paths that need the bearer token when one is set. Webhooks (signed), health,
+    metrics and the OpenAPI document stay open; the dashboard has :func:`dashboard_page`."""
+    return path in ("/v1/jobs", "/v1/batches") or path.startswith(("/v1/jobs/", "/v1/batches/"))
+
+
+def dashboard_page(path: str) -> bool:
+    """The dashboard paths that need a login (a session cookie) when a token is set; the
+    login form, its styles and scripts, and the API reference (like /openapi.json) stay open."""
+    return path in ("/", "/jobs", "/export.jsonl") or path.startswith(("/jobs/", "/batches/"))
+
+
+def host_checked(path: str) -> bool:
+    """The paths whose Host (and, for a change, Origin) :class:`HostCheck` checks: the job
+    API and every dashboard page and form."""
+    return protected(path) or dashboard_page(path) or path in ("/login", "/logout")
 
 
 def served_hosts(settings: Settings, bind_host: str | None = None) -> ServedHosts:
@@ -98,16 +113,19 @@ def create_app(
             paths={FAL_PATH, SUBMIT_PATH},
             on_reject=_count_too_large,
         ),
-        Middleware(HostCheck, hosts=served_hosts(settings, bind_host), guarded=protected),
+        Middleware(HostCheck, hosts=served_hosts(settings, bind_host), guarded=host_checked),
     ]
     if settings.api_token is not None:
         middleware.append(Middleware(BearerAuth, token=settings.api_token, protected=protected))
+        middleware.append(Middleware(SessionAuth, token=settings.api_token, pages=dashboard_page))
     routes = [
         *JobsApi(manager, public_url=settings.public_url).routes(),
+        *JobReads(manager).routes(),
+        *Retries(manager).routes(),
         *FalWebhooks(manager, jwks).routes(),
         *Ops(manager).routes(),
         *JobFiles(manager).routes(),
-        *Dashboard(manager).routes(),
+        *Pages(manager, token=settings.api_token, public_url=settings.public_url).routes(),
         *OpenApi(settings.public_url).routes(),
     ]
     return Starlette(

@@ -21,6 +21,7 @@ from starlette.types import ExceptionHandler
 
 from ..errors import (
     AmbiguousJobRef,
+    BatchNotFound,
     CancelTooLate,
     ConfigError,
     IdempotencyConflict,
@@ -53,6 +54,7 @@ class InvalidRequest(Exception):
 # (status, error type) by exception class; the most specific class wins (MRO order).
 STATUS: dict[type[Exception], tuple[int, str]] = {
     JobNotFound: (404, "not_found"),
+    BatchNotFound: (404, "not_found"),
     AmbiguousJobRef: (409, "ambiguous_ref"),
     NotRetryable: (409, "not_retryable"),
     JobNotFinished: (409, "not_finished"),

@@ -166,6 +166,55 @@ SCHEMAS: dict[str, Any] = {
             "state": {"enum": STATES},
         },
     },
+    "Events": {
+        "type": "object",
+        "required": ["id", "events"],
+        "properties": {
+            "id": {"type": "string"},
+            "events": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["at", "kind"],
+                    "properties": {
+                        "at": TIMESTAMP,
+                        "kind": {"type": "string", "description": "created, submit_sent, …"},
+                        "from_state": {"enum": [*STATES, None]},
+                        "to_state": {"enum": [*STATES, None]},
+                        "reason": _nullable("string"),
+                        "detail": {"description": "what the event carried"},
+                    },
+                },
+            },
+        },
+    },
+    "Logs": {
+        "type": "object",
+        "required": ["id", "logs"],
+        "properties": {
+            "id": {"type": "string"},
+            "logs": {"type": "array", "items": {"type": "object"}},
+        },
+    },
+    "Batch": {
+        "type": "object",
+        "required": ["name", "total", "done", "counts"],
+        "properties": {
+            "name": {"type": "string"},
+            "total": {"type": "integer"},
+            "done": {"type": "integer", "description": "jobs in a terminal state"},
+            "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "started_at": TIMESTAMP,
+            "last_finished_at": TIMESTAMP,
+            "rate_per_second": _nullable("number", description="jobs finished per second"),
+            "eta_seconds": _nullable("number", description="at the rate so far"),
+        },
+    },
+    "BatchList": {
+        "type": "object",
+        "required": ["batches"],
+        "properties": {"batches": {"type": "array", "items": _ref("Batch")}},
+    },
     "Health": {
         "type": "object",
         "required": ["status", "database"],
@@ -377,19 +426,6 @@ PATHS: dict[str, Any] = {
             },
         }
     },
-    "/": {
-        "get": {
-            "summary": "Dashboard",
-            "security": BEARER,
-            "responses": {
-                "200": {
-                    "description": "an HTML page",
-                    "content": {"text/html": {"schema": {"type": "string"}}},
-                },
-                "401": UNAUTHORIZED,
-            },
-        }
-    },
     "/openapi.json": {
         "get": {
             "summary": "This document",
@@ -399,6 +435,175 @@ PATHS: dict[str, Any] = {
 }
 
 
+def _page(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"text/html": {"schema": {"type": "string"}}}}
+
+
+def _html(summary: str, **extra: Any) -> dict[str, Any]:
+    """A dashboard page (text/html). With a token set, the pages need the session cookie
+    that /login sets (or the bearer header) and send anyone else to /login with a 303."""
+    return {
+        "summary": summary,
+        **extra,
+        "responses": {
+            "200": _page("an HTML page"),
+            "303": {"description": "to /login (token set, no session), or after a form"},
+            "401": _page("the token given to /login is wrong"),
+            "403": _page("a form without this browser's CSRF value, or from another site"),
+            "421": _error("the Host header names a host this server is not"),
+            # HTML from the page; JSON from the router for a path no route matches.
+            "404": {
+                "description": "no such job or batch",
+                "content": {
+                    "text/html": {"schema": {"type": "string"}},
+                    "application/json": {"schema": _ref("Error")},
+                },
+            },
+            "422": _page("a filter is invalid"),
+        },
+    }
+
+
+NAME = {"type": "string", "minLength": 1, "maxLength": 1000}
+BATCH_NAME = {"name": "name", "in": "path", "required": True, "schema": NAME}
+JOB_REF = {**JOB_ID, "description": "our job id, request id or key", "schema": NAME}
+
+READ_PATHS: dict[str, Any] = {
+    "/v1/jobs/{id}/events": {
+        "get": {
+            "summary": "Every recorded event of a job, oldest first",
+            "security": BEARER,
+            "parameters": [JOB_ID],
+            "responses": {
+                "200": _json(_ref("Events"), "the events"),
+                "401": UNAUTHORIZED,
+                "404": NOT_FOUND,
+            },
+        }
+    },
+    "/v1/jobs/{id}/logs": {
+        "get": {
+            "summary": "A job's stored log lines",
+            "security": BEARER,
+            "parameters": [JOB_ID],
+            "responses": {
+                "200": _json(_ref("Logs"), "the log lines, in order"),
+                "401": UNAUTHORIZED,
+                "404": NOT_FOUND,
+            },
+        }
+    },
+    "/v1/jobs/{id}/retry": {
+        "post": {
+            "summary": "A new attempt for a failed or cancelled job (the same one if asked again)",
+            "security": BEARER,
+            "parameters": [JOB_ID],
+            "responses": {
+                "202": _json(_ref("Job"), "the new job, linked by retry_of and sent"),
+                "401": UNAUTHORIZED,
+                "404": NOT_FOUND,
+                "409": _error("the job is not failed or cancelled, or was tracked"),
+                "422": _error("the provider rejected the new attempt"),
+                "502": _error("the provider could not be reached"),
+            },
+        }
+    },
+    "/v1/batches": {
+        "get": {
+            "summary": "Batches with their progress, newest first",
+            "security": BEARER,
+            "parameters": [
+                {"name": "active", "in": "query", "schema": {"type": "boolean"}},
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                },
+            ],
+            "responses": {
+                "200": _json(_ref("BatchList"), "the batches"),
+                "401": UNAUTHORIZED,
+                "422": _error("a query parameter is invalid"),
+            },
+        }
+    },
+    "/v1/batches/{name}": {
+        "get": {
+            "summary": "One batch's counts and progress",
+            "security": BEARER,
+            "parameters": [BATCH_NAME],
+            "responses": {
+                "200": _json(_ref("Batch"), "the batch"),
+                "401": UNAUTHORIZED,
+                "404": _error("no job has this batch name"),
+            },
+        }
+    },
+}
+
+CSRF_FORM = {
+    "required": True,
+    "content": {
+        "application/x-www-form-urlencoded": {
+            "schema": {
+                "type": "object",
+                "required": ["csrf"],
+                "properties": {"csrf": {"type": "string", "description": "the page's CSRF value"}},
+            }
+        }
+    },
+}
+
+PAGE_PATHS: dict[str, Any] = {
+    "/": {"get": _html("The overview: counts, batches, failures, backlog, request economy")},
+    "/jobs": {
+        "get": _html(
+            "Search and filter jobs",
+            parameters=[
+                {"name": name, "in": "query", "schema": {"type": "string"}}
+                for name in ("q", "state", "application", "batch", "label", "before", "limit")
+            ],
+        )
+    },
+    "/jobs/{id}": {"get": _html("One job's page", parameters=[JOB_REF])},
+    "/jobs/{id}/cancel": {
+        "post": _html("Cancel from the job's page", parameters=[JOB_REF], requestBody=CSRF_FORM)
+    },
+    "/jobs/{id}/retry": {
+        "post": _html("Retry from the job's page", parameters=[JOB_REF], requestBody=CSRF_FORM)
+    },
+    "/jobs/{id}/files/{n}": {
+        "get": {
+            **{k: v for k, v in PATHS["/v1/jobs/{id}/files/{n}"]["get"].items() if k != "security"},
+            "summary": "A cached file, for the job page's previews (a session, not the header)",
+        }
+    },
+    "/batches/{name}": {"get": _html("One batch's page", parameters=[BATCH_NAME])},
+    "/export.jsonl": {
+        "get": {
+            "summary": "A batch's jobs and results as JSON lines, in input order",
+            "parameters": [{"name": "batch", "in": "query", "schema": {"type": "string"}}],
+            "responses": {
+                "200": {
+                    "description": "one JSON object per line",
+                    "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
+                },
+                "404": _error("no such batch"),
+            },
+        }
+    },
+    "/login": {
+        "get": _html("The login form (only with JOBS_API_TOKEN set)"),
+        "post": _html("Log in with the token; sets the session cookie", requestBody=CSRF_FORM),
+    },
+    "/logout": {"post": _html("End the session", requestBody=CSRF_FORM)},
+    "/docs": {"get": _html("This API, rendered for people")},
+}
+
+# One table of every route: the API's, the read routes and the dashboard's.
+PATHS.update(READ_PATHS)
+PATHS.update(PAGE_PATHS)
+
 # Every route behind the API token is also behind the host check (jobs/web/middleware.py),
 # and every one taking a job id refuses one no job can have.
 for _item in PATHS.values():
@@ -407,8 +612,58 @@ for _item in PATHS.values():
             _op["responses"]["421"] = _error("the Host header names a host this server is not")
             if _method == "post":
                 _op["responses"]["403"] = _error("sent by a page of another web site")
-        if JOB_ID in _op.get("parameters", []):
+        if JOB_ID in _op.get("parameters", []) or JOB_REF in _op.get("parameters", []):
             _op["responses"].setdefault("400", _error("not a job id or request id"))
+
+TAGS = [
+    {"name": "jobs", "description": "Submit, follow, fetch and cancel jobs."},
+    {"name": "batches", "description": "Groups of jobs submitted together, and their progress."},
+    {"name": "webhooks", "description": "Callbacks from the providers (signed)."},
+    {"name": "operations", "description": "Health, metrics and this document."},
+    {"name": "dashboard", "description": "HTML pages for people (a session cookie)."},
+]
+
+# operationId and tag of every operation, in one table so each route is named once.
+OPERATIONS: dict[tuple[str, str], tuple[str, str]] = {
+    ("/v1/jobs", "post"): ("submitJob", "jobs"),
+    ("/v1/jobs", "get"): ("listJobs", "jobs"),
+    ("/v1/jobs/{id}", "get"): ("getJob", "jobs"),
+    ("/v1/jobs/{id}/result", "get"): ("getJobResult", "jobs"),
+    ("/v1/jobs/{id}/cancel", "post"): ("cancelJob", "jobs"),
+    ("/v1/jobs/{id}/files/{n}", "get"): ("getJobFile", "jobs"),
+    ("/v1/jobs/{id}/events", "get"): ("getJobEvents", "jobs"),
+    ("/v1/jobs/{id}/logs", "get"): ("getJobLogs", "jobs"),
+    ("/v1/jobs/{id}/retry", "post"): ("retryJob", "jobs"),
+    ("/v1/batches", "get"): ("listBatches", "batches"),
+    ("/v1/batches/{name}", "get"): ("getBatch", "batches"),
+    ("/v1/webhooks/fal", "post"): ("receiveFalWebhook", "webhooks"),
+    ("/healthz", "get"): ("getHealth", "operations"),
+    ("/metrics", "get"): ("getMetrics", "operations"),
+    ("/openapi.json", "get"): ("getOpenApi", "operations"),
+    ("/", "get"): ("dashboardOverview", "dashboard"),
+    ("/jobs", "get"): ("dashboardJobs", "dashboard"),
+    ("/jobs/{id}", "get"): ("dashboardJob", "dashboard"),
+    ("/jobs/{id}/cancel", "post"): ("dashboardCancelJob", "dashboard"),
+    ("/jobs/{id}/retry", "post"): ("dashboardRetryJob", "dashboard"),
+    ("/jobs/{id}/files/{n}", "get"): ("dashboardJobFile", "dashboard"),
+    ("/batches/{name}", "get"): ("dashboardBatch", "dashboard"),
+    ("/export.jsonl", "get"): ("dashboardExportBatch", "dashboard"),
+    ("/login", "get"): ("dashboardLoginForm", "dashboard"),
+    ("/login", "post"): ("dashboardLogin", "dashboard"),
+    ("/logout", "post"): ("dashboardLogout", "dashboard"),
+    ("/docs", "get"): ("apiReference", "operations"),
+}
+
+
+def _named(paths: dict[str, Any]) -> dict[str, Any]:
+    """``paths`` with each operation's ``operationId`` and tag from :data:`OPERATIONS`."""
+    named: dict[str, Any] = {}
+    for path, item in paths.items():
+        named[path] = {}
+        for method, operation in item.items():
+            operation_id, tag = OPERATIONS[(path, method)]
+            named[path][method] = {"operationId": operation_id, "tags": [tag], **operation}
+    return named
 
 
 def document(public_url: str | None = None) -> dict[str, Any]:
@@ -419,7 +674,8 @@ def document(public_url: str | None = None) -> dict[str, Any]:
             "version": "1",
             "description": "A persistent job manager for remote queue APIs (fal.ai).",
         },
-        "paths": PATHS,
+        "tags": TAGS,
+        "paths": _named(PATHS),
         "components": {
             "schemas": SCHEMAS,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},

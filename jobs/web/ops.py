@@ -4,7 +4,8 @@
 its writes fail (the store remembers the last failed write until one succeeds): then no
 job can move, whatever a read says. Both stay open when an API token is set: load
 balancers and Prometheus rarely carry credentials, and neither answer holds job data.
-``jobs_by_state`` is counted in the database at scrape time (off the event loop), so
+The database metrics (``jobs_by_state`` and the rest of
+:class:`jobs.metrics.DatabaseCollector`) are read at scrape time (off the event loop), so
 every replica reports the same truth; the counters come from the process-wide
 :data:`jobs.metrics.REGISTRY`.
 """
@@ -19,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..manager import AsyncJobManager
-from ..metrics import REGISTRY, StateCollector
+from ..metrics import REGISTRY, DatabaseCollector
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,8 @@ class Ops:
         return JSONResponse({"status": "ok", "database": "up"})
 
     async def metrics(self, request: Request) -> Response:
-        counts = await self.manager.count_by_state()
-        by_state = CollectorRegistry(auto_describe=True)
-        by_state.register(StateCollector(lambda: {s.value: n for s, n in counts.items()}))
-        text = generate_latest(REGISTRY) + generate_latest(by_state)
+        overview = await self.manager.overview()
+        database = CollectorRegistry(auto_describe=True)
+        database.register(DatabaseCollector(lambda: overview))
+        text = generate_latest(REGISTRY) + generate_latest(database)
         return Response(text, media_type=CONTENT_TYPE_LATEST)
