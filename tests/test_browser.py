@@ -14,6 +14,7 @@ import asyncio
 import os
 import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -38,7 +39,13 @@ CHROMIUM = os.environ.get("JOBS_TEST_CHROMIUM") or shutil.which("chromium")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium (apt-get install chromium)")
 playwright_api = pytest.importorskip("playwright.sync_api")
 
-SHOTS = Path(__file__).resolve().parent.parent / "docs" / "img"
+# The screenshots in docs/img/ are made here: `JOBS_TEST_SCREENSHOTS=docs/img pytest
+# tests/test_browser.py` renews them; an ordinary run writes them to a temporary folder, so
+# running the tests never changes tracked files.
+SHOTS = Path(
+    os.environ.get("JOBS_TEST_SCREENSHOTS")
+    or Path(tempfile.gettempdir()) / f"jobs-screenshots-{os.getpid()}"
+)
 TOKEN = "browser-token-do-not-leak-77"
 START_TIMEOUT = 10.0
 # Page loads and clicks are local; a generous cap still keeps a broken page from hanging.
