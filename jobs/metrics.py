@@ -32,7 +32,7 @@ RESULTS = Counter(
 WEBHOOKS = Counter(
     "jobs_webhooks",
     "Webhook deliveries by outcome (applied, duplicate, unknown, needs_poll, rejected, "
-    "malformed, too_large, unavailable).",
+    "malformed, too_large, unavailable, foreign).",
     ["provider", "outcome"],
     registry=REGISTRY,
 )
@@ -55,6 +55,14 @@ AMBIGUOUS_DECISIONS = Counter(
     "jobs_ambiguous_decisions",
     "Submits resolved after the grace period, by decision (send, resubmit, fail, poll).",
     ["decision"],
+    registry=REGISTRY,
+)
+
+DUPLICATE_REQUESTS = Counter(
+    "jobs_duplicate_requests",
+    "Second remote requests found for one job (an earlier ambiguous attempt that arrived), "
+    "by what was done (kept, cancelled).",
+    ["provider", "action"],
     registry=REGISTRY,
 )
 

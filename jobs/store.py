@@ -26,11 +26,12 @@ from functools import partial
 from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Row, and_, bindparam, delete, exists, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.sql.dml import Insert
 
-from .db import create_db_engine, job_events, job_files, job_logs, jobs, results
+from .db import create_db_engine, job_events, job_files, job_logs, jobs, provider_accounts, results
 from .errors import ConfigError, JobNotFound
 from .providers.base import Observation, RemoteRef, Submitted
 from .states import ACTIVE, FailureReason, State, can_transition
@@ -241,6 +242,12 @@ class MarkSubmitted:
 
     def run(self, conn: Connection, now: float) -> Job:
         ref = self.submitted.ref
+        current = _get(conn, self.job_id)
+        if current.request_id is not None and current.request_id != ref.request_id:
+            # An earlier attempt's request was adopted meanwhile (its webhook came first):
+            # keep it, and record this one as the surplus the caller may cancel.
+            _record_duplicate(conn, current, ref.request_id, now, source="submit")
+            return current
         values: dict[str, Any] = {
             "request_id": ref.request_id,
             "gateway_request_id": self.submitted.gateway_request_id,
@@ -292,8 +299,6 @@ class Change:
     job_id: str | None = None
     request_id: str | None = None
     provider: str = "fal"
-    # No job has ``request_id`` yet: our id from the webhook URL names an ambiguous submit.
-    adopt_job_id: str | None = None
     next_poll_at: float | None = None
     poll_interval: float | None = None
     # Computes (next_poll_at, poll_interval) from the job as read inside the transaction.
@@ -302,6 +307,79 @@ class Change:
 
     def run(self, conn: Connection, now: float) -> Applied | None:
         return _apply_one(conn, self, now)
+
+
+@dataclass(frozen=True)
+class DuplicateRequest:
+    """A second remote request found for one job: ``job`` keeps its request id,
+    ``request_id`` is the surplus one; ``active`` when it may still run remotely."""
+
+    job: Job
+    request_id: str
+    active: bool
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """What a webhook did: ``applied`` when it reached a job; otherwise ``refused`` says why
+    not (``unknown``, ``foreign``, ``unverified``, ``duplicate_request``)."""
+
+    applied: Applied | None = None
+    refused: str | None = None
+    duplicate: DuplicateRequest | None = None
+
+
+@dataclass(frozen=True)
+class Callback:
+    """A verified webhook about ``request_id``, sent by provider account ``user_id``.
+
+    Applied only when the account matches ``account`` (configured), or the one stored in
+    ``provider_accounts``, or, when neither is known, the callback is about a request we
+    recorded: then its account is learned. ``job_id`` (from the callback URL) names an
+    ambiguous submit the request may belong to: it is adopted only when the account is
+    known and matches, and never replaces a request id the job already has (that is a
+    duplicate remote request, recorded as such)."""
+
+    obs: Observation
+    request_id: str
+    user_id: str
+    provider: str = "fal"
+    job_id: str | None = None
+    attempt: int | None = None
+    account: str | None = None
+    schedule: Schedule | None = None
+
+    def run(self, conn: Connection, now: float) -> Delivered:
+        account = self.account or _account(conn, self.provider)
+        params = {"b_request_id": self.request_id, "b_provider": self.provider}
+        row = conn.execute(_JOB_BY_REQUEST, params).first()
+        if row is not None:
+            if account is None:
+                account = _learn_account(conn, self.provider, self.user_id, now)
+            if account != self.user_id:
+                return Delivered(refused="foreign")
+            return Delivered(applied=self._apply(conn, row.id, now))
+        if self.job_id is None:
+            return Delivered(refused="unknown")
+        if account is None:
+            return Delivered(refused="unverified")
+        if account != self.user_id:
+            return Delivered(refused="foreign")
+        job_row = conn.execute(_JOB_BY_ID, {"b_id": self.job_id}).first()
+        if job_row is None:
+            return Delivered(refused="unknown")
+        if _adopt(conn, self.job_id, self.request_id, now):
+            return Delivered(applied=self._apply(conn, self.job_id, now))
+        job = Job.from_row(job_row)
+        if job.request_id is None:
+            return Delivered(refused="unknown")  # it ended before any request id was known
+        _record_duplicate(conn, job, self.request_id, now, source="webhook", attempt=self.attempt)
+        active = not (self.obs.state.terminal or self.obs.needs_result)
+        duplicate = DuplicateRequest(job=job, request_id=self.request_id, active=active)
+        return Delivered(refused="duplicate_request", duplicate=duplicate)
+
+    def _apply(self, conn: Connection, job_id: str, now: float) -> Applied | None:
+        return _apply_one(conn, Change(self.obs, job_id=job_id, schedule=self.schedule), now)
 
 
 @dataclass(frozen=True)
@@ -723,6 +801,10 @@ class Store:
 
         return self._tx(tx)
 
+    def account(self, provider: str) -> str | None:
+        """The provider account user id learned from webhooks (None until one came)."""
+        return self._tx(lambda conn: _account(conn, provider), write=False)
+
     def mark_cancel_requested(self, job_id: str, *, now: float | None = None) -> None:
         now = time.time() if now is None else now
 
@@ -847,14 +929,26 @@ class Store:
 
     def ambiguous(self, *, older_than: float, limit: int = 100) -> list[Job]:
         """Jobs in ``submitting`` with no request id whose last change is older than
-        ``older_than``. (One with a request id is due for a poll, which settles it.)"""
+        ``older_than``, or whose last attempt is known to be over: it ended ambiguous and
+        no webhook was asked for (so nothing can adopt it), or the send was deferred by a
+        provider's rate limit. (One with a request id is due for a poll, which settles it.)
+        """
+        since_change = job_events.c.at >= jobs.c.updated_at
+        over = exists().where(
+            job_events.c.job_id == jobs.c.id,
+            since_change,
+            or_(
+                job_events.c.kind == "submit_deferred",
+                and_(job_events.c.kind == "submit_ambiguous", jobs.c.webhook.is_(False)),
+            ),
+        )
         rows = self._tx(
             lambda conn: conn.execute(
                 select(jobs)
                 .where(
                     jobs.c.state == State.SUBMITTING.value,
                     jobs.c.request_id.is_(None),
-                    jobs.c.updated_at < older_than,
+                    or_(jobs.c.updated_at < older_than, over),
                 )
                 .order_by(jobs.c.updated_at)
                 .limit(limit)
@@ -1099,14 +1193,10 @@ def _find(conn: Connection, change: Change, now: float) -> Job | None:
         return Job.from_row(row) if row is not None else None
     params = {"b_request_id": change.request_id, "b_provider": change.provider}
     row = conn.execute(_JOB_BY_REQUEST, params).first()
-    if row is not None:
-        return Job.from_row(row)
-    if change.adopt_job_id is not None and change.request_id is not None:
-        return _adopt(conn, change.adopt_job_id, change.request_id, now)
-    return None
+    return Job.from_row(row) if row is not None else None
 
 
-def _adopt(conn: Connection, job_id: str, request_id: str, now: float) -> Job | None:
+def _adopt(conn: Connection, job_id: str, request_id: str, now: float) -> bool:
     done = conn.execute(
         update(jobs)
         .where(
@@ -1119,7 +1209,7 @@ def _adopt(conn: Connection, job_id: str, request_id: str, now: float) -> Job | 
         .values(request_id=request_id, submitted_at=now, updated_at=now, next_poll_at=now)
     )
     if done.rowcount != 1:
-        return None
+        return False
     _event(
         conn,
         job_id,
@@ -1128,7 +1218,53 @@ def _adopt(conn: Connection, job_id: str, request_id: str, now: float) -> Job | 
         reason="webhook",
         detail={"request_id": request_id},
     )
-    return _get(conn, job_id)
+    return True
+
+
+def _record_duplicate(
+    conn: Connection,
+    job: Job,
+    request_id: str,
+    now: float,
+    *,
+    source: str,
+    attempt: int | None = None,
+) -> bool:
+    """Record a second remote request for ``job`` once per request id (fal may deliver a
+    webhook twice); True when it is new."""
+    earlier = conn.execute(
+        select(job_events.c.detail).where(
+            job_events.c.job_id == job.id, job_events.c.kind == "duplicate_request"
+        )
+    ).scalars()
+    pending = conn.info.get(_PENDING, {}).get(_INSERT_EVENT, [])
+    details = [*earlier, *(row["detail"] for row in pending if row["kind"] == "duplicate_request")]
+    if any(isinstance(d, Mapping) and d.get("request_id") == request_id for d in details):
+        return False
+    detail = {"request_id": request_id, "kept": job.request_id, "attempt": attempt}
+    _event(conn, job.id, now, "duplicate_request", reason=source, detail=detail)
+    return True
+
+
+def _account(conn: Connection, provider: str) -> str | None:
+    found: str | None = conn.execute(
+        select(provider_accounts.c.user_id).where(provider_accounts.c.provider == provider)
+    ).scalar()
+    return found
+
+
+def _learn_account(conn: Connection, provider: str, user_id: str, now: float) -> str:
+    """Store ``user_id`` as the provider account unless one is known (another replica may
+    have learned it a moment ago: the first stays); returns the account."""
+    dialect = sqlite if conn.dialect.name == "sqlite" else postgresql
+    conn.execute(
+        dialect.insert(provider_accounts)
+        .values(provider=provider, user_id=user_id, learned_at=now)
+        .on_conflict_do_nothing()
+    )
+    account = _account(conn, provider)
+    assert account is not None
+    return account
 
 
 def _new_job_values(new: NewJob, job_id: str, now: float) -> dict[str, Any]:
@@ -1322,8 +1458,11 @@ def _log_key(entry: Mapping[str, Any]) -> tuple[str, str]:
 __all__ = [
     "Applied",
     "BeginSubmit",
+    "Callback",
     "Change",
     "Claimed",
+    "Delivered",
+    "DuplicateRequest",
     "GcBatch",
     "Job",
     "JobFile",

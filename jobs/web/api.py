@@ -40,6 +40,9 @@ MAX_PAGE = 500
 MAX_CURSOR = 64
 # How long a cancel request waits for the provider's answer to show up before replying 202.
 CANCEL_WAIT = 0.0
+# Longest a submit request waits for the provider's rate limit to pass; beyond it the job
+# is answered recorded (``submitting``) and the server's resolver sends it later.
+SUBMIT_RATE_WAIT = 5.0
 # A submit that ended failed at once: the provider said no, or could not be reached.
 _FAILED_SUBMIT = {
     FailureReason.SUBMIT_REJECTED.value: (422, "provider_rejected"),
@@ -145,7 +148,9 @@ class JobsApi:
 
     async def submit(self, request: Request) -> Response:
         options = parse_submit(await request.body())
-        job = await self.manager.submit(options.pop("application"), **options)
+        job = await self.manager.submit(
+            options.pop("application"), **options, max_rate_wait=SUBMIT_RATE_WAIT
+        )
         failed = _FAILED_SUBMIT.get(job.failure_reason or "")
         if job.state is State.FAILED and failed is not None:
             status, kind = failed
