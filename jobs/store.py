@@ -373,7 +373,10 @@ class Callback:
         job = Job.from_row(job_row)
         if job.request_id is None:
             return Delivered(refused="unknown")  # it ended before any request id was known
-        _record_duplicate(conn, job, self.request_id, now, source="webhook", attempt=self.attempt)
+        if not _record_duplicate(
+            conn, job, self.request_id, now, source="webhook", attempt=self.attempt
+        ):
+            return Delivered(refused="duplicate_request")  # seen before: counted once
         active = not (self.obs.state.terminal or self.obs.needs_result)
         duplicate = DuplicateRequest(job=job, request_id=self.request_id, active=active)
         return Delivered(refused="duplicate_request", duplicate=duplicate)
