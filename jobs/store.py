@@ -30,6 +30,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.sql.dml import Insert
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.selectable import Exists, Select
 
 from .db import create_db_engine, job_events, job_files, job_logs, jobs, provider_accounts, results
 from .errors import ConfigError, JobNotFound
@@ -936,14 +938,11 @@ class Store:
         no webhook was asked for (so nothing can adopt it), or the send was deferred by a
         provider's rate limit. (One with a request id is due for a poll, which settles it.)
         """
-        since_change = job_events.c.at >= jobs.c.updated_at
-        over = exists().where(
-            job_events.c.job_id == jobs.c.id,
-            since_change,
+        over = _attempt_over(
             or_(
                 job_events.c.kind == "submit_deferred",
                 and_(job_events.c.kind == "submit_ambiguous", jobs.c.webhook.is_(False)),
-            ),
+            )
         )
         rows = self._tx(
             lambda conn: conn.execute(
@@ -959,6 +958,23 @@ class Store:
             write=False,
         )
         return [Job.from_row(r) for r in rows]
+
+    def in_flight(self, job_ids: Sequence[str], *, since: float) -> set[str]:
+        """Which of these jobs have a submit attempt under way, begun at or after ``since``
+        (by any process): sent, and neither answered nor known to have ended ambiguous."""
+        ended = _attempt_over(job_events.c.kind.in_(("submit_ambiguous", "submit_deferred")))
+        found: set[str] = set()
+        for chunk in _chunks(job_ids):
+            query = select(jobs.c.id).where(
+                jobs.c.id.in_(chunk),
+                jobs.c.state == State.SUBMITTING.value,
+                jobs.c.request_id.is_(None),
+                jobs.c.attempts > 0,
+                jobs.c.updated_at >= since,
+                ~ended,
+            )
+            found.update(self._tx(partial(_ids, query=query), write=False))
+        return found
 
     # --- result files, batches and retention ----------------------------------------------
 
@@ -1222,6 +1238,18 @@ def _adopt(conn: Connection, job_id: str, request_id: str, now: float) -> bool:
         detail={"request_id": request_id},
     )
     return True
+
+
+def _ids(conn: Connection, query: Select[Any]) -> list[str]:
+    return list(conn.execute(query).scalars())
+
+
+def _attempt_over(kind: ColumnElement[bool]) -> Exists:
+    """An event of ``kind`` since the job's last change: its last submit attempt is over
+    (a begun attempt sets ``updated_at``; the events that end it do not)."""
+    return exists().where(
+        job_events.c.job_id == jobs.c.id, job_events.c.at >= jobs.c.updated_at, kind
+    )
 
 
 def _record_duplicate(

@@ -75,6 +75,9 @@ class FakeFalConfig:
     webhook_duplicate_rate: float = 0.0
     webhook_timeout: float = 10.0
     webhook_on_cancel: bool = True
+    # Seconds a running request keeps running after a cancel before it ends (fal stops a
+    # runner some time after accepting the cancel); a queued one ends at once.
+    cancel_delay: float = 0.0
     seed: int | None = None
     result_padding: int = 0
     file_size: int = 2048
