@@ -53,9 +53,9 @@ reproducible with ``seed``):
 
 Cancel: a queued request ends at once, a running one after ``cancel_delay`` seconds
 (default 0), as COMPLETED with ``error_type`` ``client_cancelled``; its result answers
-499 (spec 1.8). An ``X-Fal-Request-Timeout`` shorter than the queue time ends the request with 504 and ``X-Fal-Request-Timeout-Type:
-user`` on the result. Queue positions are 0-based among requests still queued, normal
-priority before low.
+499 (spec 1.8). An ``X-Fal-Request-Timeout`` shorter than the queue time ends the request
+with 504 and ``X-Fal-Request-Timeout-Type: user`` on the result. Queue positions are
+0-based among requests still queued, normal priority before low.
 """
 
 from __future__ import annotations
