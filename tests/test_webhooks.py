@@ -258,7 +258,7 @@ async def test_adoption_waits_until_the_account_is_known(
 ) -> None:
     job = harness.ambiguous()
     reply = await harness.deliver(_ok("req-lost"), key=signer, job=job.id)
-    assert reply.json() == {"ok": True, "outcome": "unverified"}
+    assert reply.status_code == 503 and reply.json()["error"]["type"] == "account_unknown"
     assert (await harness.manager.status(job.id)).request_id is None
     assert harness.store.account("fal") is None  # an adoption never teaches the account
 

@@ -11,14 +11,16 @@ is answered with a retryable code):
 =====  =====================================================================
 200    applied; also a duplicate, a delivery for a request we do not know, a
        finished request whose payload fal could not include (polled soon), and
-       one not applied: ``foreign`` (another fal account sent it), ``unverified``
-       (it would adopt a job while the account is not known yet) or
+       one not applied: ``foreign`` (another fal account sent it) or
        ``duplicate_request`` (a second remote request for a job: recorded)
 400    authentic but unreadable: not JSON, no ``request_id``, unknown status
 401    not authentic: a signature header missing, a stale or future timestamp
        (more than 300 s off), a signature that matches no key
 413    body over the limit (:class:`jobs.web.middleware.BodySizeLimit`)
-503    no signing key known and fal's JWKS unreachable: fail closed, retry later
+503    no signing key known and fal's JWKS unreachable: fail closed, retry later;
+       also a callback that would adopt a job while our fal account is not known
+       yet (``account_unknown``: learned from the first callback for a request we
+       submitted, or set as ``JOBS_FAL_USER_ID``)
 =====  =====================================================================
 
 A signature that matches no cached key triggers one (rate-limited) JWKS refetch and a
@@ -107,12 +109,18 @@ class FalWebhooks:
             return error_response(400, "malformed", str(exc))
         outcome = _outcome(delivered)
         WEBHOOKS.labels("fal", outcome).inc()
-        if outcome in ("foreign", "unverified"):
-            log.warning(
-                "fal webhook not applied: %s",
-                "it comes from another fal account"
-                if outcome == "foreign"
-                else "its fal account is not known yet (set JOBS_FAL_USER_ID)",
+        if outcome == "foreign":
+            log.warning("fal webhook not applied: it comes from another fal account")
+        if outcome == "unverified":
+            # Retryable: the account is learned from the first callback for a request we
+            # submitted, usually moments later; fal delivers again.
+            log.warning("fal webhook deferred: the fal account is not known yet")
+            return error_response(
+                503,
+                "account_unknown",
+                "cannot tell yet whether this callback comes from our fal account "
+                "(set JOBS_FAL_USER_ID to know it from the start)",
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
             )
         reply: dict[str, object] = {"ok": True, "outcome": outcome}
         applied = delivered.applied
