@@ -22,7 +22,6 @@ from support.managers import local_settings, open_manager
 from support.waiting import async_wait_for
 
 from jobs import AsyncJobManager, State
-from jobs.backoff import PollPolicy
 from jobs.batch import read_lines, submit_batch
 from jobs.config import Secret
 from jobs.poller import Poller
