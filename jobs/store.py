@@ -313,8 +313,9 @@ class Change:
 
 @dataclass(frozen=True)
 class DuplicateRequest:
-    """A second remote request found for one job: ``job`` keeps its request id,
-    ``request_id`` is the surplus one; ``active`` when it may still run remotely."""
+    """A second remote request found for one job: ``job`` keeps its request id (None
+    when it ended without one), ``request_id`` is the surplus one; ``active`` when it may
+    still run remotely."""
 
     job: Job
     request_id: str
@@ -373,8 +374,8 @@ class Callback:
         if _adopt(conn, self.job_id, self.request_id, now):
             return Delivered(applied=self._apply(conn, self.job_id, now))
         job = Job.from_row(job_row)
-        if job.request_id is None:
-            return Delivered(refused="unknown")  # it ended before any request id was known
+        # The job keeps another request, or ended with none (say failed as ambiguous after
+        # its last attempt): either way this request is one more than the job can use.
         if not _record_duplicate(
             conn, job, self.request_id, now, source="webhook", attempt=self.attempt
         ):

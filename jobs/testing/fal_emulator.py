@@ -45,6 +45,8 @@ reproducible with ``seed``):
   On submit the request was already enqueued: an ambiguous submit.
 - ``error_500``: 500 with ``x-fal-request-id``. On submit the request was already
   enqueued (ambiguous; the header names it); on status/result/cancel nothing happens.
+- ``processed_drop_rate`` (submit only, its own draw after the one above): the request is
+  queued, then the connection drops, as for ``drop``; counted as ``processed_drop``.
 - ``slow``: the reply (normal otherwise) is delayed by ``slow_seconds``; a submit is
   enqueued before the wait.
 - ``unknown_status`` (status only): a 202 whose ``status`` is ``UNKNOWN_FAKE_STATE``.
@@ -369,6 +371,10 @@ class FakeFal:
         )
         request = self.queue.enqueue(submission, overrides)
         rid = request.request_id
+        rate = self.config.processed_drop_rate
+        if fault is None and rate > 0 and self._rng.random() < rate:
+            fault = "drop"
+            self.stats.fault("processed_drop")
         reply = {
             "request_id": rid,
             **request.urls(),

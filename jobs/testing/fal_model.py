@@ -63,6 +63,9 @@ class FakeFalConfig:
     retry_after: float = 1.0
     drop_rate: float = 0.0
     ingress_error_rate: float = 0.0
+    # Share of submits (beyond the shared draw) queued, then answered by a dropped
+    # connection: an ambiguous submit whose request exists, without any other fault.
+    processed_drop_rate: float = 0.0
     slow_rate: float = 0.0
     slow_seconds: float = 30.0
     unknown_status_rate: float = 0.0
