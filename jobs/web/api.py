@@ -47,6 +47,8 @@ SUBMIT_RATE_WAIT = 5.0
 _FAILED_SUBMIT = {
     FailureReason.SUBMIT_REJECTED.value: (422, "provider_rejected"),
     FailureReason.SUBMIT_UNREACHABLE.value: (502, "provider_unavailable"),
+    # Every send (JOBS_MAX_SUBMIT_ATTEMPTS) may have reached the queue, none was confirmed.
+    FailureReason.AMBIGUOUS_SUBMIT.value: (502, "provider_unavailable"),
 }
 
 
