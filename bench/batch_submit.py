@@ -40,7 +40,7 @@ def _free_port() -> int:
 
 def _start_emulator(latency: float) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
-    command = [sys.executable, "-m", "jobs.cli", "fake-fal", "--port", str(port)]
+    command = [sys.executable, "-m", "jobs", "fake-fal", "--port", str(port)]
     command += ["--latency", str(latency), "--duration", "3600"]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

@@ -9,6 +9,8 @@ Example::
     print(jm.result(job.id, wait=True))
 """
 
+__version__ = "0.2.0"
+
 from .config import Settings
 from .errors import (
     CancelTooLate,
@@ -44,4 +46,5 @@ __all__ = [
     "State",
     "Status",
     "WaitTimeout",
+    "__version__",
 ]

@@ -1,5 +1,5 @@
-"""``python -m jobs``: the same as the ``jobs`` command."""
+"""``python -m jobs``: the same as the ``jobsctl`` command."""
 
 from .cli import main
 
-main()
+main(prog_name="jobsctl")

@@ -50,7 +50,7 @@ from rich.progress import (
 from rich.text import Text
 
 from .manager import AsyncJobManager
-from .results import SavedFile
+from .results import SavedFile, find_files
 from .states import ACTIVE, State
 from .store import Job, NewJob
 
@@ -394,8 +394,7 @@ async def wait_batch(
 
 
 def describe_counts(counts: Mapping[State, int]) -> str:
-    names = {State.IN_PROGRESS: "running"}
-    shown = [f"{names.get(s, s.value)} {n}" for s, n in counts.items() if n]
+    shown = [f"{s.value} {n}" for s, n in counts.items() if n]
     return " · ".join(shown) or "no jobs"
 
 
@@ -410,6 +409,12 @@ class ExportReport:
     states: dict[str, int] = field(default_factory=dict)
     files: int = 0
     missing_files: int = 0
+    not_downloaded: int = 0  # files in results that were never downloaded: their URLs expire
+    missing_lines: list[int] = field(default_factory=list)  # input lines with no job
+
+    @property
+    def unfinished(self) -> int:
+        return sum(self.states.get(s.value, 0) for s in ACTIVE)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -418,20 +423,28 @@ class ExportReport:
             "results": os.path.join(self.out, "results.jsonl"),
             "jobs": self.jobs,
             "states": self.states,
+            "unfinished": self.unfinished,
             "files": self.files,
             "missing_files": self.missing_files,
+            "not_downloaded": self.not_downloaded,
+            "missing_lines": self.missing_lines,
         }
 
 
-async def export_batch(manager: AsyncJobManager, batch: str, out: str) -> ExportReport:
-    """Write ``out/results.jsonl`` (one line per job, in input order) and copy the batch's
-    cached files into ``out/files/``. Jobs that asked for their files have any missing ones
-    downloaded first. ``results.jsonl`` appears complete or not at all (temp file, rename)."""
+async def export_batch(
+    manager: AsyncJobManager, batch: str, out: str, *, download: bool = False
+) -> ExportReport:
+    """Write ``out/results.jsonl`` (one line per job, in input order; a retried job as its
+    newest attempt) and copy the batch's cached files into ``out/files/``. Jobs that asked
+    for their files (or all, with ``download``) have missing ones downloaded first.
+    ``results.jsonl`` appears complete or not at all (temp file, rename)."""
     target = Path(out)
     report = ExportReport(batch=batch, out=str(target))
     jobs = await asyncio.to_thread(manager.store.batch_jobs, batch)
     if not jobs:
         return report
+    numbers = {j.batch_index for j in jobs if j.batch_index is not None}
+    report.missing_lines = sorted(set(range(1, max(numbers, default=0) + 1)) - numbers)
     target.mkdir(parents=True, exist_ok=True)
     temp = target / f".results.jsonl.{os.getpid()}.tmp"
     taken: set[str] = set()
@@ -439,12 +452,15 @@ async def export_batch(manager: AsyncJobManager, batch: str, out: str) -> Export
         with temp.open("w", encoding="utf-8") as handle:
             for start in range(0, len(jobs), EXPORT_CHUNK):
                 chunk = jobs[start : start + EXPORT_CHUNK]
-                for line in await _export_chunk(manager, chunk, target / "files", taken):
+                exported = await _export_chunk(manager, chunk, target / "files", taken, download)
+                for line in exported:
                     handle.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
                     report.jobs += 1
                     report.states[line["state"]] = report.states.get(line["state"], 0) + 1
                     report.files += sum(1 for f in line["files"] if f["path"])
                     report.missing_files += sum(1 for f in line["files"] if not f["path"])
+                    if not line["files"] and line.get("result"):
+                        report.not_downloaded += len(find_files(line["result"]))
         os.replace(temp, target / "results.jsonl")
     finally:
         temp.unlink(missing_ok=True)
@@ -452,11 +468,15 @@ async def export_batch(manager: AsyncJobManager, batch: str, out: str) -> Export
 
 
 async def _export_chunk(
-    manager: AsyncJobManager, jobs: Sequence[Job], files_dir: Path, taken: set[str]
+    manager: AsyncJobManager,
+    jobs: Sequence[Job],
+    files_dir: Path,
+    taken: set[str],
+    download: bool,
 ) -> list[dict[str, Any]]:
     store, cache = manager.store, manager.files
     ids = [job.id for job in jobs]
-    wanted = [j for j in jobs if j.download_files and j.state is State.SUCCEEDED]
+    wanted = [j for j in jobs if (download or j.download_files) and j.state is State.SUCCEEDED]
     if wanted:
         await asyncio.gather(*(cache.fetch(j.id) for j in wanted))
     results = await asyncio.to_thread(store.results_of, ids)
@@ -522,7 +542,9 @@ class Bar:
 
 
 @contextmanager
-def progress_bar(description: str, total: int | None) -> Iterator[Bar]:
+def progress_bar(description: str, total: int | None, *, show: bool | None = None) -> Iterator[Bar]:
+    """A :class:`Bar`, drawn when ``show`` is true, or by default when stderr is a terminal:
+    piped, stderr stays quiet."""
     # Redirecting stdout through the bar keeps a shared terminal tidy; when stdout is a pipe
     # or a file it must not be touched, or the JSON lines would end up on stderr.
     progress = Progress(
@@ -535,6 +557,7 @@ def progress_bar(description: str, total: int | None) -> Iterator[Bar]:
         TimeRemainingColumn(),
         TextColumn("{task.fields[detail]}"),
         console=Console(stderr=True),
+        disable=not (sys.stderr.isatty() if show is None else show),
         redirect_stdout=sys.stdout.isatty(),
         redirect_stderr=False,
     )

@@ -72,7 +72,7 @@ def _number(name: str, raw: str, cast: type[float] | type[int]) -> float | int:
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything configurable. Defaults follow design.md part 2."""
+    """Everything configurable; README.md lists the variables and their defaults."""
 
     database_url: str = DEFAULT_DATABASE_URL
     sqlite_synchronous: str = "NORMAL"

@@ -25,6 +25,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    false,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import ConnectionPoolEntry
@@ -90,6 +91,8 @@ jobs = Table(
     Column("finished_at", Double),
     Column("last_change_at", Double),
     Column("cancel_requested_at", Double),
+    Column("retry_of", String(32)),
+    Column("tracked", Boolean, nullable=False, default=False, server_default=false()),
     CheckConstraint(_in_list("state", STATE_VALUES), name="state"),
     CheckConstraint(
         "failure_reason IS NULL OR " + _in_list("failure_reason", FAILURE_VALUES),
@@ -102,6 +105,8 @@ jobs = Table(
     Index(None, "next_poll_at"),
     Index(None, "state", "created_at"),
     Index(None, "batch", "batch_index"),
+    # Batches skip a job that a retry supersedes (a NOT EXISTS on this column).
+    Index(None, "retry_of"),
 )
 
 job_events = Table(

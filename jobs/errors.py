@@ -5,7 +5,9 @@ they call for different actions: fix the input, or wait and retry.
 
     JobsError
     ├── ConfigError                 missing FAL_KEY, an unusable database URL, bad settings
-    ├── JobNotFound                 no job with that id or request_id
+    ├── JobNotFound                 no job with that id, prefix, request_id or idempotency key
+    ├── AmbiguousJobRef             a prefix that names more than one job
+    ├── NotRetryable                retry asked for a job that cannot be sent again
     ├── JobNotFinished              result asked for a job that has not finished
     ├── WaitTimeout                 wait(timeout=...) ran out; the job goes on
     ├── JobFailed                   the job ended failed or cancelled (carries the error)
@@ -33,8 +35,29 @@ class ConfigError(JobsError):
 
 class JobNotFound(JobsError):
     def __init__(self, ref: str) -> None:
-        super().__init__(f"no job with id or request_id {ref!r}; `jobs list` shows known jobs")
+        super().__init__(
+            f"no job with id, id prefix, request id or idempotency key {ref!r}; "
+            "`jobsctl list` shows known jobs"
+        )
         self.ref = ref
+
+
+class AmbiguousJobRef(JobsError):
+    """A prefix matching several jobs: the message lists some of them."""
+
+    def __init__(self, ref: str, candidates: list[str]) -> None:
+        shown = ", ".join(candidates[:5]) + (", ..." if len(candidates) > 5 else "")
+        super().__init__(
+            f"{ref!r} names more than one job ({shown}); give more characters of the id"
+        )
+        self.ref = ref
+        self.candidates = candidates
+
+
+class NotRetryable(JobsError):
+    def __init__(self, job_id: str, why: str) -> None:
+        super().__init__(f"job {job_id} cannot be retried: {why}")
+        self.job_id = job_id
 
 
 class JobNotFinished(JobsError):

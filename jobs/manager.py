@@ -36,6 +36,7 @@ from .errors import (
     JobFailed,
     JobNotFinished,
     JobNotFound,
+    NotRetryable,
     ProviderError,
     ProviderRejected,
     ProviderUnavailable,
@@ -467,29 +468,83 @@ class AsyncJobManager:
         )
 
     async def track(self, application: str, request_id: str, *, provider: str = "fal") -> Job:
-        """Adopt a request submitted elsewhere (e.g. by fal_client) so it is tracked here."""
-        existing = await self._db(self.store.find_by_request_id, provider, request_id)
-        if existing is not None:
-            return existing
+        """Adopt a request submitted elsewhere (e.g. by fal_client) so it is tracked here.
+        The job is never sent by anyone: its input is not known here."""
         remote = self.provider(provider)
-        job, _ = await self._db(
-            self.store.create_job,
-            NewJob(
-                application=application,
-                arguments={},
-                provider=provider,
-                idempotency_key=f"track:{provider}:{request_id}",
-            ),
+        ref = remote.track_ref(application, request_id)  # ConfigError before any row exists
+        new = NewJob(application=application, arguments={}, provider=remote.name)
+        return await self._db(self.store.track_job, new, ref, next_poll_at=time.time())
+
+    async def retry(self, ref: str) -> Job:
+        """A new attempt for a failed or cancelled job, linked to it (``retry_of``) and sent
+        now. Asking again for the same job returns the same retry and sends nothing."""
+        old = await self.status(ref)
+        if old.state not in (State.FAILED, State.CANCELLED):
+            why = f"it is {old.state.value}; only failed or cancelled jobs are"
+            raise NotRetryable(old.id, why)
+        if old.tracked:
+            raise NotRetryable(old.id, "it was made elsewhere (tracked), so its input is unknown")
+        new = self.new_job(
+            old.application,
+            old.arguments,
+            path=old.path,
+            priority=old.priority,
+            hint=old.hint,
+            labels=old.labels,
+            batch=old.batch,
+            batch_index=old.batch_index,
+            idempotency_key=f"retry:{old.id}",
+            download=old.download_files,
         )
-        observation = Observation(state=State.QUEUED, source="track")
-        tracked = Submitted(ref=remote.ref_for(application, request_id), observation=observation)
-        return await self._submitted(job, tracked)
+        new = dataclasses.replace(new, retry_of=old.id)
+        job, created = await self._db(self.store.create_retry, old, new)
+        if not _needs_send(job, created):
+            return job
+        return await self.send(job, reason="retry")
+
+    async def retry_batch(self, batch: str, *, reasons: Sequence[str] | None = None) -> list[Job]:
+        """:meth:`retry` for every failed or cancelled job of ``batch`` not retried yet;
+        ``reasons`` keeps only those that failed for one of them (``"cancelled"`` for a
+        cancelled job)."""
+        jobs = await self._db(self.store.retryable, batch, reasons=reasons)
+        return [await self.retry(job.id) for job in jobs]
 
     # --- status, polling and applying ----------------------------------------------------
 
-    async def status(self, ref: str) -> Job:
-        """The job as stored (by our id or its request id)."""
-        return await self._db(self.store.get, ref)
+    async def status(self, ref: str, *, refresh: bool = False) -> Job:
+        """The job named by ``ref`` (our id, a unique prefix of it or of its short id, its
+        request id or its idempotency key). With ``refresh``, a job that is due for a poll
+        and that nobody else holds is polled first, so the answer is not stale when no
+        server runs."""
+        job = await self._db(self.store.get, ref)
+        return await self._poll_if_free(job) if refresh else job
+
+    async def _poll_if_free(self, job: Job) -> Job:
+        """Poll ``job`` now if it is due and unclaimed (or held by a dead local process),
+        under the waiting client's lease; else return it as it is."""
+        if job.terminal or job.request_id is None:
+            return job
+        claimed = await self._db(
+            self.store.claim_job,
+            job.id,
+            self.owner,
+            lease_seconds=WAIT_LEASE,
+            dead_owner=dead_local_owner(job.lease_owner),
+        )
+        return job if claimed is None else await self.refresh(claimed)
+
+    async def events(self, ref: str) -> list[dict[str, Any]]:
+        """The job's events, oldest first: every submit, decision, change, cancel, retry, gc."""
+        job = await self.status(ref)
+        return await self._db(self.store.events, job.id)
+
+    async def logs(self, ref: str, *, after: int = 0) -> list[tuple[int, dict[str, Any]]]:
+        """The job's stored log lines after sequence number ``after``, with their numbers."""
+        job = await self.status(ref)
+        return [
+            (seq, dict(entry))
+            for seq, entry in await self._db(self.store.logs, job.id, after=after)
+        ]
 
     async def collect_garbage(self, cutoff: float) -> GcReport:
         """Remove stored results and cached files of jobs finished before ``cutoff`` (UNIX
@@ -502,15 +557,17 @@ class AsyncJobManager:
         self,
         *,
         state: State | None = None,
+        states: Sequence[State] | None = None,
         application: str | None = None,
         batch: str | None = None,
         limit: int = 100,
         before: str | None = None,
     ) -> list[Job]:
-        """A page of jobs, newest first; ``before`` is the last id of the previous page."""
+        """A page of jobs, newest first, in ``state`` or any of ``states`` when given;
+        ``before`` is the last id of the previous page."""
         return await self._db(
             self.store.list_jobs,
-            state=state,
+            states=[*(states or ()), *([state] if state else [])],
             application=application,
             batch=batch,
             limit=limit,
@@ -660,16 +717,7 @@ class AsyncJobManager:
         yield job
         seen = job.updated_at
         while not job.terminal:
-            if job.request_id is not None:
-                claimed = await self._db(
-                    self.store.claim_job,
-                    job.id,
-                    self.owner,
-                    lease_seconds=WAIT_LEASE,
-                    dead_owner=dead_local_owner(job.lease_owner),
-                )
-                if claimed is not None:
-                    job = await self.refresh(claimed)
+            job = await self._poll_if_free(job)
             if job.updated_at == seen:
                 job = await self._db(self.store.get, job.id)
             if job.updated_at != seen:

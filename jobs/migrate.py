@@ -1,9 +1,9 @@
 """Schema migrations: Alembic, run from the application.
 
 The revisions live in ``migrations/versions`` at the repository root (one level above this
-package); :func:`alembic_config` builds the Alembic ``Config`` programmatically, so
-``alembic.ini`` is only needed for the ``alembic`` command line. ``JOBS_MIGRATIONS_DIR``
-overrides the location (e.g. for a non-editable install, where ``migrations/`` is not shipped).
+package), and a wheel carries them as ``jobs/migrations``; :func:`alembic_config` builds the
+Alembic ``Config`` programmatically, so ``alembic.ini`` is only needed for the ``alembic``
+command line. ``JOBS_MIGRATIONS_DIR`` overrides the location.
 
 Concurrency: several processes may call :func:`upgrade` on the same database at once (two
 ``jobs serve`` replicas, a CLI and a server). Every migration runs in one transaction that
@@ -74,15 +74,21 @@ _ASSIGNMENT = re.compile(
 
 
 def migrations_dir() -> Path:
-    """The Alembic script directory (``env.py``, ``versions/``)."""
+    """The Alembic script directory (``env.py``, ``versions/``): ``JOBS_MIGRATIONS_DIR`` when
+    set, else the copy an installed wheel carries (``jobs/migrations``), else the repository's
+    ``migrations/`` beside the package (a checkout or an editable install)."""
     override = os.environ.get("JOBS_MIGRATIONS_DIR")
-    path = Path(override) if override else Path(__file__).resolve().parent.parent / "migrations"
-    if not (path / "env.py").is_file():
-        raise RuntimeError(
-            f"Alembic migrations not found at {path}: jobs.migrate needs the repository's "
-            "migrations/ folder (install the package editable, or set JOBS_MIGRATIONS_DIR)"
-        )
-    return path
+    package = Path(__file__).resolve().parent
+    candidates = [package / "migrations", package.parent / "migrations"]
+    if override:
+        candidates = [Path(override)]
+    for path in candidates:
+        if (path / "env.py").is_file():
+            return path
+    raise RuntimeError(
+        f"Alembic migrations not found at {candidates[0]}: the installation is incomplete "
+        "(reinstall jobs) or JOBS_MIGRATIONS_DIR points at the wrong folder"
+    )
 
 
 def alembic_config(connection: Connection | Engine | None = None) -> Config:

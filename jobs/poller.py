@@ -1,6 +1,6 @@
 """The poll scheduler of ``jobs serve``: a few periodic tasks that read due work from the store.
 
-The ``jobs`` table is the only state (design.md part 1), so APScheduler holds exactly two
+The ``jobs`` table is the only state (docs/internals.md §1), so APScheduler holds exactly two
 interval jobs, never one per remote request:
 
 - :meth:`Poller.tick` claims due jobs under a lease (``store.claim_due``: ``BEGIN IMMEDIATE``

@@ -3,7 +3,7 @@ copy them out, and let retention delete them.
 
 Why it is built this way:
 
-- fal hands media back as URLs that expire (spec/queue-protocols.md 1.7), so a job that asked
+- fal hands media back as URLs that expire (docs/protocol.md §7), so a job that asked
   for its files (``jobs submit --download``, ``JOBS_CACHE_FILES=1``) has them fetched as soon
   as it succeeds: in the background, a bounded number at a time, so the poll tick never
   waits on a download.
@@ -58,8 +58,6 @@ TEMP_DIR = "tmp"
 FILE_KEYS = ("content_type", "file_name", "file_size")  # besides "url": a fal File object
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _UNSAFE_NAME = re.compile(r"[\x00-\x1f\x7f/\\:]")
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 class DownloadError(Exception):
@@ -410,15 +408,6 @@ def unique_name(name: str, taken: set[str]) -> str:
 # --- retention -----------------------------------------------------------------------------
 
 
-def parse_duration(text: str) -> float:
-    """Seconds in ``30m``, ``12h``, ``7d``, ``2w``, ``90s`` or a sum like ``1d12h``."""
-    compact = text.strip().lower().replace(" ", "")
-    parts = _DURATION.findall(compact)
-    if not compact or "".join(n + u for n, u in parts) != compact:
-        raise ValueError(f"{text!r} is not a duration like 30m, 12h, 7d or 1d12h")
-    return sum(float(n) * _UNITS[u] for n, u in parts)
-
-
 @dataclass(frozen=True)
 class GcReport:
     """What ``jobs gc`` freed."""
@@ -512,7 +501,6 @@ __all__ = [
     "check_url",
     "collect_garbage",
     "find_files",
-    "parse_duration",
     "safe_name",
     "unique_name",
 ]

@@ -14,7 +14,7 @@ Why it is put together this way:
   exits 0.
 - Uvicorn's own logging set-up is disabled (``log_config=None``) so that its lines go through
   :mod:`jobs.logs` like ours (same format, same redaction). The access log is off by default:
-  design.md part 3 measured it at about 30 % of the server's throughput.
+  it was measured at about 30 % of the server's throughput (docs/internals.md §6).
 """
 
 from __future__ import annotations

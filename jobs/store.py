@@ -34,7 +34,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.selectable import Exists, Select
 
 from .db import create_db_engine, job_events, job_files, job_logs, jobs, provider_accounts, results
-from .errors import ConfigError, JobNotFound
+from .errors import AmbiguousJobRef, ConfigError, JobNotFound
 from .providers.base import Observation, RemoteRef, Submitted
 from .states import ACTIVE, FailureReason, State, can_transition
 
@@ -46,6 +46,24 @@ DB_RETRIES = 5
 def new_job_id() -> str:
     """32 hex chars: milliseconds since the epoch, then randomness, so ids sort by creation."""
     return f"{int(time.time() * 1000):012x}{secrets.token_hex(10)}"
+
+
+# Jobs made in the same second share the id's leading timestamp digits; what tells them apart
+# for a person is the random part, of which the short id is the first 10 characters (40 bits:
+# one collision in about 2,000 among a million jobs, and a collision only asks for more).
+SHORT_ID_START = 12
+SHORT_ID_LENGTH = 10
+MIN_PREFIX = 6
+
+
+def short_id(job_id: str) -> str:
+    """The part of a job id shown to people (tables, the dashboard); it names the job too."""
+    return job_id[SHORT_ID_START : SHORT_ID_START + SHORT_ID_LENGTH]
+
+
+def is_id_prefix(ref: str) -> bool:
+    """Could ``ref`` be a prefix of an id or of a short id (lower-case hex, long enough)?"""
+    return MIN_PREFIX <= len(ref) < 32 and all(c in "0123456789abcdef" for c in ref)
 
 
 def iso(ts: float | None) -> str | None:
@@ -94,6 +112,8 @@ class Job:
     finished_at: float | None
     last_change_at: float | None
     cancel_requested_at: float | None
+    retry_of: str | None
+    tracked: bool
 
     @classmethod
     def from_row(cls, row: Row[Any] | Mapping[str, Any]) -> Job:
@@ -126,6 +146,7 @@ class Job:
         """The public JSON shape (``jobs status``, ``GET /v1/jobs/{id}``)."""
         return {
             "id": self.id,
+            "short_id": short_id(self.id),
             "provider": self.provider,
             "application": self.application,
             "path": self.path,
@@ -146,6 +167,9 @@ class Job:
             "cancel_url": self.cancel_url,
             "metrics": self.metrics,
             "polls": self.polls,
+            "attempts": self.attempts,
+            "retry_of": self.retry_of,
+            "tracked": self.tracked,
             "created_at": iso(self.created_at),
             "submitted_at": iso(self.submitted_at),
             "started_at": iso(self.started_at),
@@ -180,6 +204,7 @@ class NewJob:
     idempotency_key: str | None = None
     webhook: bool = False
     download_files: bool = False
+    retry_of: str | None = None
 
 
 @dataclass(frozen=True)
@@ -495,6 +520,16 @@ class Store:
     def create_job(self, new: NewJob, *, now: float | None = None) -> tuple[Job, bool]:
         """Insert a job in ``submitting``; with an idempotency key already used, return the
         existing job and ``False``."""
+        return self._create(new, now=now)
+
+    def _create(
+        self,
+        new: NewJob,
+        *,
+        now: float | None,
+        also: Callable[[Connection, Job, float], None] | None = None,
+    ) -> tuple[Job, bool]:
+        """:meth:`create_job`; ``also`` runs in the same transaction once the job is new."""
         now = time.time() if now is None else now
         job_id = new_job_id()
 
@@ -507,7 +542,10 @@ class Store:
                     return Job.from_row(existing), False
             conn.execute(insert(jobs).values(**_new_job_values(new, job_id, now)))
             _event(conn, job_id, now, "created", to_state=State.SUBMITTING)
-            return _get(conn, job_id), True
+            job = _get(conn, job_id)
+            if also is not None:
+                also(conn, job, now)
+            return job, True
 
         try:
             return self._tx(tx)
@@ -516,6 +554,55 @@ class Store:
             if new.idempotency_key is None:
                 raise
             return self._tx(tx)
+
+    def track_job(
+        self, new: NewJob, ref: RemoteRef, *, next_poll_at: float, now: float | None = None
+    ) -> Job:
+        """Record a request made elsewhere, in ``queued`` with its request id from the start:
+        a tracked job never passes through ``submitting``, so nothing can ever send its
+        (unknown) input. A request already known is returned as it is."""
+        now = time.time() if now is None else now
+        job_id = new_job_id()
+        values = {
+            **_new_job_values(new, job_id, now),
+            "state": State.QUEUED.value,
+            "tracked": True,
+            "request_id": ref.request_id,
+            "status_url": ref.status_url,
+            "response_url": ref.response_url,
+            "cancel_url": ref.cancel_url,
+            "next_poll_at": next_poll_at,
+        }
+
+        def tx(conn: Connection) -> Job:
+            existing = conn.execute(
+                select(jobs).where(
+                    jobs.c.request_id == ref.request_id, jobs.c.provider == new.provider
+                )
+            ).first()
+            if existing is not None:
+                return Job.from_row(existing)
+            conn.execute(insert(jobs).values(**values))
+            detail = {"request_id": ref.request_id}
+            _event(conn, job_id, now, "tracked", to_state=State.QUEUED, detail=detail)
+            return _get(conn, job_id)
+
+        try:
+            return self._tx(tx)
+        except IntegrityError:
+            return self._tx(tx)  # another process tracked the same request meanwhile
+
+    def create_retry(
+        self, old: Job, new: NewJob, *, reason: str | None = None, now: float | None = None
+    ) -> tuple[Job, bool]:
+        """Record ``new`` (keyed ``retry:<old id>``, so asking twice makes one retry) and, in
+        the same transaction, a ``retried`` event on ``old``; returns the retry and whether
+        it was created now."""
+
+        def retried(conn: Connection, job: Job, at: float) -> None:
+            _event(conn, old.id, at, "retried", reason=reason, detail={"job": job.id})
+
+        return self._create(new, now=now, also=retried)
 
     def create_jobs(
         self, news: Sequence[NewJob], *, now: float | None = None
@@ -827,20 +914,37 @@ class Store:
     # --- reads ---------------------------------------------------------------------------
 
     def get(self, ref: str) -> Job:
-        """A job by our id or by its request id; raises :class:`JobNotFound`."""
-
-        def tx(conn: Connection) -> Job | None:
-            row = conn.execute(select(jobs).where(jobs.c.id == ref)).first()
-            if row is None:
-                row = conn.execute(
-                    select(jobs).where(jobs.c.request_id == ref).order_by(jobs.c.id).limit(1)
-                ).first()
-            return Job.from_row(row) if row is not None else None
-
-        job = self._tx(tx, write=False)
-        if job is None:
+        """A job by any name people give it, tried in this order: our id, its request id, its
+        idempotency key, a unique prefix (>= 6 characters) of the id or of its short id. Raises
+        :class:`JobNotFound`, or :class:`AmbiguousJobRef` for a prefix of several jobs."""
+        if not ref or len(ref) > 255 or "\x00" in ref:
             raise JobNotFound(ref)
-        return job
+
+        def tx(conn: Connection) -> list[Row[Any]]:
+            for where in (
+                jobs.c.id == ref,
+                jobs.c.request_id == ref,
+                jobs.c.idempotency_key == ref,
+            ):
+                row = conn.execute(select(jobs).where(where).order_by(jobs.c.id).limit(1)).first()
+                if row is not None:
+                    return [row]
+            if not is_id_prefix(ref):
+                return []
+            # Hex ids sort like strings, so a prefix is an index range; the short id (the
+            # random part) needs a scan, reached only when everything above missed.
+            near = or_(
+                and_(jobs.c.id >= ref, jobs.c.id < ref + "g"),
+                func.substr(jobs.c.id, SHORT_ID_START + 1, len(ref)) == ref,
+            )
+            return list(conn.execute(select(jobs).where(near).order_by(jobs.c.id).limit(20)))
+
+        rows = self._tx(tx, write=False)
+        if not rows:
+            raise JobNotFound(ref)
+        if len(rows) > 1:
+            raise AmbiguousJobRef(ref, [short_id(r.id) for r in rows])
+        return Job.from_row(rows[0])
 
     def find_by_request_id(self, provider: str, request_id: str) -> Job | None:
         row = self._tx(
@@ -854,7 +958,7 @@ class Store:
     def list_jobs(
         self,
         *,
-        state: State | None = None,
+        states: Sequence[State] | None = None,
         application: str | None = None,
         batch: str | None = None,
         limit: int = 100,
@@ -862,8 +966,8 @@ class Store:
     ) -> list[Job]:
         """Newest first; ``before`` is the id of the last job of the previous page."""
         query = select(jobs).order_by(jobs.c.id.desc()).limit(limit)
-        if state is not None:
-            query = query.where(jobs.c.state == state.value)
+        if states:
+            query = query.where(jobs.c.state.in_([s.value for s in states]))
         if application is not None:
             query = query.where(jobs.c.application == application)
         if batch is not None:
@@ -880,7 +984,7 @@ class Store:
         or after it (what ``jobs wait`` without a batch watches)."""
         query = select(jobs.c.state, func.count()).group_by(jobs.c.state)
         if batch is not None:
-            query = query.where(jobs.c.batch == batch)
+            query = query.where(jobs.c.batch == batch, _CURRENT)
         if finished_since is not None:
             query = query.where(
                 or_(
@@ -1060,16 +1164,36 @@ class Store:
         return found
 
     def batch_jobs(self, batch: str) -> list[Job]:
-        """Every job of a batch in input order (``batch_index``, then creation)."""
+        """Every job of a batch in input order (``batch_index``, then creation), a retried
+        job replaced by its retry."""
         rows = self._tx(
             lambda conn: conn.execute(
                 select(jobs)
-                .where(jobs.c.batch == batch)
+                .where(jobs.c.batch == batch, _CURRENT)
                 .order_by(jobs.c.batch_index.is_(None), jobs.c.batch_index, jobs.c.id)
             ).all(),
             write=False,
         )
         return [Job.from_row(r) for r in rows]
+
+    def retryable(self, batch: str, *, reasons: Sequence[str] | None = None) -> list[Job]:
+        """The failed or cancelled jobs of ``batch`` that no retry supersedes, in input
+        order; ``reasons`` filters by failure reason (``"cancelled"``: cancelled jobs)."""
+        failed = jobs.c.state == State.FAILED.value
+        cancelled = jobs.c.state == State.CANCELLED.value
+        ended = or_(failed, cancelled)
+        if reasons:
+            wanted = [r for r in reasons if r != "cancelled"]
+            chosen = [and_(failed, jobs.c.failure_reason.in_(wanted))]
+            if "cancelled" in reasons:
+                chosen.append(cancelled)
+            ended = or_(*chosen)
+        query = (
+            select(jobs)
+            .where(jobs.c.batch == batch, ended, _CURRENT)
+            .order_by(jobs.c.batch_index, jobs.c.id)
+        )
+        return [Job.from_row(r) for r in self._tx(lambda c: c.execute(query).all(), write=False)]
 
     def gc_batch(self, cutoff: float, *, limit: int = 500, now: float | None = None) -> GcBatch:
         """Delete the stored results and file rows of up to ``limit`` terminal jobs that
@@ -1162,6 +1286,11 @@ _INSERT_RESULT = insert(results)
 # Rows of events and results written in a transaction wait here (on the connection) for
 # one executemany per table.
 _PENDING = "jobs_pending_inserts"
+
+
+# A job no retry supersedes: batches count and export the newest attempt of each line.
+_RETRIES = jobs.alias("retries")
+_CURRENT = ~exists(select(_RETRIES.c.id).where(_RETRIES.c.retry_of == jobs.c.id))
 
 
 def _apply_one(conn: Connection, change: Change, now: float) -> Applied | None:
@@ -1316,6 +1445,7 @@ def _new_job_values(new: NewJob, job_id: str, now: float) -> dict[str, Any]:
         "idempotency_key": new.idempotency_key,
         "webhook": new.webhook,
         "download_files": new.download_files,
+        "retry_of": new.retry_of,
         "attempts": 0,
         "polls": 0,
         "created_at": now,

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-JOBS = [sys.executable, "-m", "jobs.cli"]
+JOBS = [sys.executable, "-m", "jobs"]
 
 
 def _free_port() -> int:

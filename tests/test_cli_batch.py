@@ -17,7 +17,7 @@ import pytest
 
 from jobs.testing import FakeFalConfig, FakeFalServer, expected_file_bytes
 
-JOBS = [sys.executable, "-m", "jobs.cli"]
+JOBS = [sys.executable, "-m", "jobs"]
 APP = "fal-ai/flux/dev"
 
 
@@ -90,7 +90,7 @@ def test_submit_rerun_wait_export(env: dict[str, str], fal: FakeFalServer, tmp_p
     assert {j["id"] for j in json_lines(again.stdout)} == {j["id"] for j in submitted}
     assert fal.fake.stats.submits == 5 and not fal.fake.stats.duplicate_inputs()
 
-    waited = jobs(env, "wait", "--batch", "prompts", "--timeout", "60")
+    waited = jobs(env, "wait", "--batch", "prompts", "--timeout", "60", "--progress")
     assert waited.returncode == 0, waited.stderr
     summary = json.loads(waited.stdout)
     assert summary["jobs"] == 5 and summary["succeeded"] == 5 and not summary["timed_out"]

@@ -17,6 +17,7 @@ from support.managers import local_settings, open_manager
 
 from jobs import AsyncJobManager, JobFailed, State
 from jobs.backoff import PollPolicy
+from jobs.durations import parse_duration
 from jobs.providers.base import Observation, RemoteRef, Submitted
 from jobs.results import (
     DownloadError,
@@ -25,7 +26,6 @@ from jobs.results import (
     check_url,
     collect_garbage,
     find_files,
-    parse_duration,
     safe_name,
     unique_name,
 )
@@ -114,13 +114,15 @@ def test_http_urls_pass() -> None:
         ("2w", 1209600),
         ("1d12h", 129600),
         ("90s", 90),
+        ("90", 90),
+        ("2.5", 2.5),
     ],
 )
 def test_parse_duration(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "7", "d", "7x", "-1d", "1d 2q"])
+@pytest.mark.parametrize("text", ["", "d", "7x", "-1d", "1d 2q", "-5", "nan", "inf"])
 def test_parse_duration_refuses_nonsense(text: str) -> None:
     with pytest.raises(ValueError, match="duration"):
         parse_duration(text)

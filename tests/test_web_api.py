@@ -335,6 +335,24 @@ async def test_status_by_id_and_request_id_and_404(
     assert _error(await client.get("/v1/jobs/nope"), 404)["type"] == "not_found"
 
 
+async def test_status_by_key_short_id_and_prefix_409_when_ambiguous(
+    api: tuple[httpx.AsyncClient, AsyncJobManager],
+) -> None:
+    client, manager = api
+    body = {"application": APP, "arguments": {}, "idempotency_key": "lora-run-7"}
+    accepted = (await client.post("/v1/jobs", json=body)).json()
+    first = (await client.get(f"/v1/jobs/{accepted['id']}")).json()
+    second = (await client.post("/v1/jobs", json={"application": APP, "arguments": {}})).json()
+    for ref in ("lora-run-7", first["short_id"], first["short_id"][:7], first["id"][:-4]):
+        assert (await client.get(f"/v1/jobs/{ref}")).json()["id"] == first["id"], ref
+    # Ids made within a few seconds share their leading timestamp digits.
+    shared = first["id"][:6]
+    if second["id"].startswith(shared):
+        error = _error(await client.get(f"/v1/jobs/{shared}"), 409)
+        assert error["type"] == "ambiguous_ref" and first["short_id"] in error["message"]
+    assert (await manager.status(first["short_id"])).id == first["id"]
+
+
 async def test_result_not_finished_then_finished(
     api: tuple[httpx.AsyncClient, AsyncJobManager],
 ) -> None:

@@ -109,4 +109,9 @@ class Provider(Protocol):
         """Rebuild the URLs of a request submitted elsewhere (``track``)."""
         ...
 
+    def track_ref(self, application: str, request_id: str) -> RemoteRef:
+        """:meth:`ref_for` for a request named by a user (``jobsctl track``): raises
+        ``ConfigError`` for an application or request id that cannot name one."""
+        ...
+
     async def close(self) -> None: ...

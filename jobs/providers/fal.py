@@ -1,4 +1,4 @@
-"""The fal.ai queue API (spec/queue-protocols.md, sections 1 and 2).
+"""The fal.ai queue API (docs/protocol.md).
 
 Building requests and reading replies are pure functions; :class:`FalProvider` only adds the
 lines that send, the retries and the per-provider rate gate.
@@ -44,7 +44,7 @@ _STATUS_CODE_IN_ERROR = re.compile(r"status code:?\s*(\d{3})", re.IGNORECASE)
 
 @dataclass(frozen=True)
 class AppId:
-    """An endpoint id split the way fal_client splits it (spec 1.2)."""
+    """An endpoint id split the way fal_client splits it (docs/protocol.md §2)."""
 
     owner: str
     alias: str
@@ -108,6 +108,9 @@ def submit_headers(request: SubmitRequest) -> dict[str, str]:
     if request.hint:
         headers["X-Fal-Runner-Hint"] = request.hint
     return headers
+
+
+MAX_REQUEST_ID = 128  # the jobs.request_id column
 
 
 def _sendable(name: str, value: str) -> None:
@@ -310,7 +313,7 @@ def observation_from_webhook(payload: Mapping[str, Any]) -> Observation:
     status = payload.get("status")
     inner = payload.get("payload")
     if inner is None and "payload_error" in payload:
-        # fal could not include the payload: the queue still has it (spec 2.3).
+        # fal could not include the payload: the queue still has it (docs/protocol.md §10).
         return Observation(state=State.IN_PROGRESS, needs_result=True, source="webhook")
     if status == "OK":
         return Observation(state=State.SUCCEEDED, result=inner, source="webhook")
@@ -372,6 +375,19 @@ class FalProvider:
 
     def ref_for(self, application: str, request_id: str) -> RemoteRef:
         return request_ref(self.queue_url, application, request_id)
+
+    def track_ref(self, application: str, request_id: str) -> RemoteRef:
+        """The ref of a request made elsewhere, refusing (``ConfigError``) an application or
+        request id that could not name one."""
+        _sendable("request id", request_id)
+        if len(request_id) > MAX_REQUEST_ID or set(request_id) & set("/?#%"):
+            raise ConfigError(
+                f"request id {request_id!r} is not a fal request id (at most "
+                f"{MAX_REQUEST_ID} characters, no '/', '?', '#' or '%')"
+            )
+        ref = self.ref_for(application, request_id)
+        self._auth()  # a job that could never be polled is not worth recording
+        return ref
 
     def check(self, request: SubmitRequest) -> None:
         check_request(request)

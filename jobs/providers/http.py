@@ -2,8 +2,8 @@
 question submit safety depends on: did a failed request provably never reach the server?
 
 httpx is the client API. Underneath, the aiohttp transport (httpx-aiohttp) is the engine:
-design.md part 3 measured httpx's own pool at a few percent of the ideal under concurrency,
-and aiohttp near 98 %.
+httpx's own pool measured at a few percent of the ideal under concurrency, aiohttp near
+98 % (docs/internals.md §6).
 """
 
 from __future__ import annotations

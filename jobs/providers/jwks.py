@@ -4,7 +4,7 @@ Verification is a pure function in :mod:`jobs.providers.signatures`; this module
 decides *when* to ask the JWKS URL and what to do when it does not answer:
 
 - keys are fetched lazily (the first webhook), then kept for ``max_age`` seconds, never
-  more than 24 hours because fal rotates them (spec 2.4);
+  more than 24 hours because fal rotates them (docs/protocol.md §11);
 - a signature that matches no cached key may mean a rotation: :meth:`JwksCache.refresh_after_miss`
   refetches, but at most once per ``refresh_interval``, so a flood of forged deliveries
   cannot turn us into a load generator against the JWKS URL;

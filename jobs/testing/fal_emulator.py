@@ -1,7 +1,7 @@
 """A fal-compatible queue emulator: the remote side for tests, benchmarks and the demo.
 
-``FakeFal`` is an ASGI app speaking fal's queue protocol (``spec/queue-protocols.md``
-sections 1 and 2) closely enough that the real ``fal_client`` works against it, plus
+``FakeFal`` is an ASGI app speaking fal's queue protocol (``docs/protocol.md``) closely
+enough that the real ``fal_client`` works against it, plus
 knobs to make it misbehave in every way the job manager must survive. Serve it with
 :class:`jobs.testing.FakeFalServer` (background thread, optional TLS) or
 :func:`jobs.testing.run_fake_fal` (blocking, for ``jobs fake-fal``).
@@ -26,7 +26,7 @@ Endpoints (queue endpoints need ``Authorization: Key <config.key>`` when a key i
     GET  /_fake/stats[?per_request=0]  POST /_fake/reset  GET|POST /_fake/config
     GET  /_fake/requests/{id}  (debug view)  GET /_fake/files/{id}/{n}.png  (output bytes)
 
-``{app}`` drops the sub-path exactly as fal_client does (spec 1.2): ``fal-ai/flux/dev``
+``{app}`` drops the sub-path exactly as fal_client does (docs/protocol.md §2): ``fal-ai/flux/dev``
 polls under ``fal-ai/flux``, ``workflows/alice/flow/x`` under ``workflows/alice/flow``,
 ``12345-myapp`` under ``12345/myapp``. A poll under the wrong app answers 404.
 
@@ -55,9 +55,9 @@ reproducible with ``seed``):
 
 Cancel: a queued request ends at once, a running one after ``cancel_delay`` seconds
 (default 0), as COMPLETED with ``error_type`` ``client_cancelled``; its result answers
-499 (spec 1.8). An ``X-Fal-Request-Timeout`` shorter than the queue time ends the request
-with 504 and ``X-Fal-Request-Timeout-Type: user`` on the result. Queue positions are
-0-based among requests still queued, normal priority before low.
+499 (docs/protocol.md §8). An ``X-Fal-Request-Timeout`` shorter than the queue time ends
+the request with 504 and ``X-Fal-Request-Timeout-Type: user`` on the result. Queue
+positions are 0-based among requests still queued, normal priority before low.
 """
 
 from __future__ import annotations
@@ -445,7 +445,8 @@ class FakeFal:
         await send_json(send, 202, {"status": "CANCELLATION_REQUESTED"})
 
     async def _stream(self, scope: Scope, receive: Receive, send: Send, app: str, rid: str) -> None:
-        """Server-sent status events (spec 1.6): one ``data:`` line per change, then close."""
+        """Server-sent status events (docs/protocol.md §6): one ``data:`` line per change, then
+        close."""
         request = self.queue.find(app, rid, self._clock())
         if request is None:
             await send_json(send, 404, {"detail": "Request not found"}, [("x-fal-request-id", rid)])

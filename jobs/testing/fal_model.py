@@ -7,8 +7,8 @@ whether 10 or 100,000 requests are in flight. The only ordered structures are a 
 tree that answers "how many requests are still queued ahead of this one" in O(log n), and
 the heaps kept by :mod:`jobs.testing.fal_emulator`.
 
-URL shapes, status bodies and error bodies follow ``spec/queue-protocols.md`` sections 1.2,
-1.5, 1.7 and 1.10; where the spec lists an unknown, the choice made here is named inline.
+URL shapes, status bodies and error bodies follow ``docs/protocol.md`` §2, §5, §7 and §9;
+where fal documents nothing, the choice made here is named inline.
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ def input_hash(value: Any) -> str:
 
 @dataclass(frozen=True, slots=True)
 class AppPath:
-    """A submit path split per fal_client's ``AppId.from_endpoint_id`` (spec 1.2)."""
+    """A submit path split per fal_client's ``AppId.from_endpoint_id`` (docs/protocol.md §2)."""
 
     endpoint_id: str  # as the client sent it, e.g. "fal-ai/flux/dev" or "12345-myapp"
     app: str  # the base of status/result/cancel URLs, e.g. "fal-ai/flux" or "12345/myapp"
@@ -351,7 +351,7 @@ class FakeRequest:
         return {"inference_time": round(self.finish_at - self.start_at, 6)}
 
     def status_body(self, now: float, with_logs: bool, position: int) -> dict[str, Any]:
-        """The body of ``GET …/status`` (spec 1.5); ``logs`` is always a key."""
+        """The body of ``GET …/status`` (docs/protocol.md §5); ``logs`` is always a key."""
         state = self.state(now)
         body: dict[str, Any] = {"status": state, "request_id": self.request_id, **self.urls()}
         body["logs"] = self.logs(now) if with_logs else None
@@ -406,7 +406,8 @@ def error_kind(status: int) -> tuple[str, str]:
 
 
 def error_body(status: int) -> dict[str, Any]:
-    """The result body replayed for a failed request (spec 1.7): 422 is a validation error."""
+    """The result body replayed for a failed request (docs/protocol.md §7): 422 is a validation
+    error."""
     if status == 422:
         return {"detail": [{"loc": ["body", "prompt"], "msg": "field required", "type": "missing"}]}
     error_type, message = error_kind(status)

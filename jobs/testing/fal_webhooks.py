@@ -1,10 +1,10 @@
-"""Webhook delivery for the fal emulator: payloads per spec 2.3, signatures per spec 2.4.
+"""Webhook delivery for the fal emulator: payloads and signatures per docs/protocol.md §10-11.
 
 A delivery is the only per-request asyncio task the emulator ever creates, and only for
 requests submitted with ``fal_webhook``. All deliveries share one ``httpx.AsyncClient``
 (connections to a receiver are reused) and a semaphore caps how many are in flight, so a
 burst of 10,000 completions queues up instead of opening 10,000 sockets. The client runs
-on httpx-aiohttp's transport: design.md measured httpx's own pool at ~190 requests/s at
+on httpx-aiohttp's transport (docs/internals.md §6): httpx's own pool measured ~190 requests/s at
 concurrency 64, which made a 5,000-webhook burst take ~25 s; aiohttp's engine behind the
 same httpx API delivers it about five times faster on the same machine.
 
@@ -38,7 +38,7 @@ MAX_CONCURRENT_DELIVERIES = 64
 
 
 def webhook_payload(request: FakeRequest, padding: int = 0) -> dict[str, Any]:
-    """The JSON body fal POSTs when ``request`` finishes (spec 2.3)."""
+    """The JSON body fal POSTs when ``request`` finishes (docs/protocol.md §10)."""
     body: dict[str, Any] = {
         "request_id": request.request_id,
         "gateway_request_id": request.request_id,

@@ -7,7 +7,7 @@ a port it binds itself (port 0 gives a free one, known before the server starts)
 ``fal_client`` only ever builds ``https://`` URLs; point a client at ``ca_cert_path``
 (e.g. ``SSL_CERT_FILE``) or use :meth:`FakeFalServer.client_ssl_context`.
 
-The access log is off: design.md measured it at about 30 % of uvicorn's throughput.
+The access log is off: it costs about 30 % of uvicorn's throughput (docs/serve.md).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import ssl as ssl_module
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self
 
@@ -31,6 +32,7 @@ from jobs.testing.fal_model import FakeFalConfig, FakeFalStats
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
 GRACEFUL_SHUTDOWN = 1
+BACKLOG = 4096
 
 
 def _uvicorn_config(fake: FakeFal, log_level: str, **extra: Any) -> uvicorn.Config:
@@ -40,7 +42,7 @@ def _uvicorn_config(fake: FakeFal, log_level: str, **extra: Any) -> uvicorn.Conf
         log_level=log_level,
         access_log=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN,
-        backlog=4096,
+        backlog=BACKLOG,
         **extra,
     )
 
@@ -52,10 +54,28 @@ def run_fake_fal(
     *,
     private_key: Ed25519PrivateKey | None = None,
     log_level: str = "warning",
+    on_listening: Callable[[str], None] = lambda _url: None,
 ) -> None:
-    """Serve the emulator until interrupted (SIGINT/SIGTERM); used by ``jobs fake-fal``."""
+    """Serve the emulator until interrupted (SIGINT/SIGTERM); used by ``jobsctl fake-fal``.
+    ``on_listening`` gets the base URL once the socket is bound (port 0: a free one)."""
     fake = FakeFal(config, private_key=private_key)
-    uvicorn.Server(_uvicorn_config(fake, log_level, host=host, port=port)).run()
+    sock = _bind(host, port)
+    sock.listen(BACKLOG)  # before announcing: early connections wait in the backlog
+    bound = sock.getsockname()[1]
+    on_listening(f"http://[{host}]:{bound}" if ":" in host else f"http://{host}:{bound}")
+    uvicorn.Server(_uvicorn_config(fake, log_level)).run(sockets=[sock])
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class FakeFalServer:
@@ -126,11 +146,8 @@ class FakeFalServer:
     def start(self) -> Self:
         if self._thread is not None:
             raise RuntimeError("FakeFalServer already started")
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = _bind(self.host, self.port)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.host, self.port))
             self.port = sock.getsockname()[1]
             tls = self._tls_files()
         except BaseException:

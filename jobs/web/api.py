@@ -1,4 +1,4 @@
-"""The ``/v1/jobs`` routes (design.md part 2): submit, status, result, cancel, list.
+"""The ``/v1/jobs`` routes: submit, status, result, cancel, list.
 
 Handlers only read the request, call one :class:`~jobs.manager.AsyncJobManager` method and
 shape the answer; errors raised by the manager become responses in :mod:`jobs.web.errors`.

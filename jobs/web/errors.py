@@ -19,12 +19,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ExceptionHandler
 
 from ..errors import (
+    AmbiguousJobRef,
     CancelTooLate,
     ConfigError,
     JobFailed,
     JobNotFinished,
     JobNotFound,
     JobsError,
+    NotRetryable,
     ProviderError,
     ProviderProtocolError,
     ProviderRejected,
@@ -46,6 +48,8 @@ class InvalidRequest(Exception):
 # (status, error type) by exception class; the most specific class wins (MRO order).
 STATUS: dict[type[Exception], tuple[int, str]] = {
     JobNotFound: (404, "not_found"),
+    AmbiguousJobRef: (409, "ambiguous_ref"),
+    NotRetryable: (409, "not_retryable"),
     JobNotFinished: (409, "not_finished"),
     CancelTooLate: (409, "already_finished"),
     # The result route answers failed and cancelled jobs itself; what is left is a

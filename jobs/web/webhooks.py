@@ -1,6 +1,6 @@
 """``POST /v1/webhooks/fal``: verify a fal callback, apply it, answer.
 
-The endpoint only verifies, applies and answers (style.md, example 9): the raw body goes
+The endpoint only verifies, applies and answers (docs/internals.md §3): the raw body goes
 unchanged to :meth:`AsyncJobManager.handle_fal_webhook`, which checks the signature and
 applies the outcome through the same compare-and-set path as a poll. Body limits, request
 ids and redaction are middleware.
