@@ -363,7 +363,8 @@ class Callback:
 
     Applied only when the account matches ``account`` (configured), or the one stored in
     ``provider_accounts``, or, when neither is known, the callback is about a request we
-    recorded: then its account is learned. ``job_id`` (from the callback URL) names an
+    submitted: then its account is learned (a tracked request's callback is applied
+    without teaching anything). ``job_id`` (from the callback URL) names an
     ambiguous submit the request may belong to: it is adopted only when the account is
     known and matches, and never replaces a request id the job already has (that is a
     duplicate remote request, recorded as such)."""
@@ -383,6 +384,10 @@ class Callback:
         row = conn.execute(_JOB_BY_REQUEST, params).first()
         if row is not None:
             if account is None:
+                if row.tracked:
+                    # Submitted elsewhere (``track``), maybe from another account: it may
+                    # be applied, but it teaches nothing about ours.
+                    return Delivered(applied=self._apply(conn, row.id, now))
                 account = _learn_account(conn, self.provider, self.user_id, now)
             if account != self.user_id:
                 return Delivered(refused="foreign")

@@ -236,6 +236,16 @@ def test_the_provider_account_is_learned_once(store: Store) -> None:
     assert store.account("fal") == "u-1"
 
 
+def test_a_tracked_request_teaches_no_account(store: Store) -> None:
+    ref = RemoteRef(application="fal-ai/flux/dev", request_id="r-t")
+    new = NewJob(application="fal-ai/flux/dev", arguments={})
+    tracked = store.track_job(new, ref, next_poll_at=4102444800.0)
+    callback = Callback(RUNNING, request_id="r-t", user_id="someone-else")
+    assert store.write_many([callback])[0].applied is not None
+    assert store.get(tracked.id).state is State.IN_PROGRESS
+    assert store.account("fal") is None
+
+
 def test_list_and_counts(store: Store) -> None:
     jobs = [_queued(store, f"l{i}", batch="x" if i % 2 else None) for i in range(5)]
     store.apply(jobs[0].id, OK)

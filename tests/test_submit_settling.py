@@ -23,7 +23,8 @@ from support.waiting import async_wait_for
 
 from jobs import AsyncJobManager, State
 from jobs.batch import read_lines, submit_batch
-from jobs.config import Secret
+from jobs.config import Secret, Settings
+from jobs.errors import ConfigError
 from jobs.poller import Poller
 from jobs.providers.fal import FalProvider
 from jobs.providers.http import RateGate, RetryPolicy, make_client
@@ -213,3 +214,21 @@ async def test_an_api_submit_behind_a_long_pause_is_recorded_and_sent_later(
     finally:
         await poller.stop()
     assert server.fake.stats.submits == 1
+
+
+# --- settings -----------------------------------------------------------------------------
+
+
+def test_the_new_settings_are_read_and_checked() -> None:
+    env = {
+        "JOBS_MAX_SUBMIT_ATTEMPTS": "5",
+        "JOBS_DUPLICATE_POLICY": "cancel",
+        "JOBS_FAL_USER_ID": "acct-1",
+    }
+    settings = Settings.from_env(env)
+    assert settings.max_submit_attempts == 5
+    assert (settings.duplicate_policy, settings.fal_user_id) == ("cancel", "acct-1")
+    assert Settings.from_env({}).max_submit_attempts == 3
+    for bad in ({"JOBS_MAX_SUBMIT_ATTEMPTS": "0"}, {"JOBS_DUPLICATE_POLICY": "nuke"}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            Settings.from_env(bad)
