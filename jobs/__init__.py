@@ -15,6 +15,7 @@ from .config import Settings
 from .errors import (
     CancelTooLate,
     ConfigError,
+    IdempotencyConflict,
     JobFailed,
     JobNotFinished,
     JobNotFound,
@@ -33,6 +34,7 @@ __all__ = [
     "Completed",
     "ConfigError",
     "FailureReason",
+    "IdempotencyConflict",
     "InProgress",
     "Job",
     "JobFailed",

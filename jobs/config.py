@@ -22,6 +22,7 @@ DEFAULT_CACHE_MAX_FILE_BYTES = 512 * 1024 * 1024
 DEFAULT_CACHE_FILE_TIMEOUT = 600.0
 DEFAULT_MAX_SUBMIT_ATTEMPTS = 3
 DUPLICATE_POLICIES = ("keep", "cancel")
+DEFAULT_CACHE_HOST_SLOTS = 2
 
 
 class Secret:
@@ -47,6 +48,13 @@ class Secret:
         return hash(self._value)
 
 
+def decimal(text: str) -> int | None:
+    """The integer ``text`` spells in ASCII digits, else None. ``str.isdigit`` alone also
+    accepts digits such as ``²`` or ``①`` that ``int`` refuses."""
+    stripped = text.strip()
+    return int(stripped) if stripped.isascii() and stripped.isdigit() else None
+
+
 def _secret(value: str | None) -> Secret | None:
     return Secret(value) if value else None
 
@@ -58,6 +66,30 @@ def _bool(name: str, raw: str) -> bool:
     if lowered in {"0", "false", "no", "off", ""}:
         return False
     raise ConfigError(f"{name} must be a boolean (1/0, true/false), not {raw!r}")
+
+
+def _check_credential(name: str, secret: Secret | None) -> None:
+    """A credential sent in an HTTP header must be printable ASCII. A pasted key with a line
+    break or a typographic character would otherwise fail inside the HTTP client, after the
+    job was recorded, with an error that may quote the key."""
+    if secret is not None and not all(" " < c < "\x7f" for c in secret.reveal()):
+        raise ConfigError(
+            f"{name} holds a line break, a space, a control or a non-ASCII character; "
+            "copy it again (the value is not shown)"
+        )
+
+
+def _host_list(name: str, raw: str) -> tuple[str, ...]:
+    """A comma-separated list of host names, addresses and CIDR ranges."""
+    from .egress import parse_allow_entry  # egress imports aiohttp: only when one is set
+
+    entries = tuple(e.strip() for e in raw.split(",") if e.strip())
+    for entry in entries:
+        try:
+            parse_allow_entry(entry)
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+    return entries
 
 
 def _number(name: str, raw: str, cast: type[float] | type[int]) -> float | int:
@@ -80,12 +112,20 @@ class Settings:
     fal_queue_url: str = DEFAULT_FAL_QUEUE_URL
     fal_jwks_url: str = DEFAULT_FAL_JWKS_URL
     public_url: str | None = None
+    # More names the job API and dashboard answer to (besides localhost, IP addresses, the
+    # bind address and public_url's host): a guard against DNS rebinding.
+    allowed_hosts: tuple[str, ...] = ()
     api_token: Secret | None = None
     cache_dir: str = ".jobs-cache"
     cache_files: bool = False
     # Per downloaded result file: a size cap (bytes) and a wall-clock limit (seconds).
     cache_max_file_bytes: int = DEFAULT_CACHE_MAX_FILE_BYTES
     cache_file_timeout: float = DEFAULT_CACHE_FILE_TIMEOUT
+    # Downloads at once from one host, so a few slow hosts cannot take every slot.
+    cache_host_slots: int = DEFAULT_CACHE_HOST_SLOTS
+    # Hosts (names, addresses, CIDR ranges) the file cache may reach although they are not
+    # public internet addresses (jobs/egress.py).
+    cache_allow_hosts: tuple[str, ...] = ()
     replicate_api_token: Secret | None = None
     replicate_api_url: str = DEFAULT_REPLICATE_API_URL
     replicate_webhook_secret: Secret | None = None
@@ -120,6 +160,18 @@ class Settings:
                 "JOBS_SQLITE_SYNCHRONOUS must be NORMAL or FULL (or OFF/EXTRA), "
                 f"not {self.sqlite_synchronous!r}"
             )
+        _check_credential("FAL_KEY", self.fal_key)
+        _check_credential("JOBS_API_TOKEN", self.api_token)
+        _check_credential("REPLICATE_API_TOKEN", self.replicate_api_token)
+        if self.cache_host_slots < 1:
+            raise ConfigError(
+                f"JOBS_CACHE_HOST_SLOTS must be at least 1, not {self.cache_host_slots}"
+            )
+        if os.path.exists(self.cache_dir) and not os.path.isdir(self.cache_dir):
+            raise ConfigError(
+                f"JOBS_CACHE_DIR {self.cache_dir!r} is a file, not a directory; "
+                "point it at a directory (it is created if missing)"
+            )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -135,6 +187,7 @@ class Settings:
             "fal_queue_url": (env.get("JOBS_FAL_QUEUE_URL") or DEFAULT_FAL_QUEUE_URL).rstrip("/"),
             "fal_jwks_url": env.get("JOBS_FAL_JWKS_URL") or DEFAULT_FAL_JWKS_URL,
             "public_url": (env.get("JOBS_PUBLIC_URL") or "").rstrip("/") or None,
+            "allowed_hosts": _host_list("JOBS_ALLOWED_HOSTS", env.get("JOBS_ALLOWED_HOSTS", "")),
             "api_token": _secret(env.get("JOBS_API_TOKEN")),
             "cache_dir": env.get("JOBS_CACHE_DIR") or ".jobs-cache",
             "cache_files": _bool("JOBS_CACHE_FILES", env.get("JOBS_CACHE_FILES", "")),
@@ -149,6 +202,14 @@ class Settings:
                 float,
             ),
             "replicate_api_token": _secret(env.get("REPLICATE_API_TOKEN")),
+            "cache_host_slots": _number(
+                "JOBS_CACHE_HOST_SLOTS",
+                env.get("JOBS_CACHE_HOST_SLOTS") or str(DEFAULT_CACHE_HOST_SLOTS),
+                int,
+            ),
+            "cache_allow_hosts": _host_list(
+                "JOBS_CACHE_ALLOW_HOSTS", env.get("JOBS_CACHE_ALLOW_HOSTS", "")
+            ),
             "replicate_api_url": (
                 env.get("JOBS_REPLICATE_API_URL") or DEFAULT_REPLICATE_API_URL
             ).rstrip("/"),

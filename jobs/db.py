@@ -7,6 +7,7 @@ render them as ISO-8601.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from sqlalchemy import (
@@ -175,6 +176,14 @@ def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
+_URL_PASSWORD = re.compile(r"(://[^/:@]*:)[^/@]*@")
+
+
+def hide_password(url: str) -> str:
+    """``url`` with its password shown as ``***`` (also for a URL SQLAlchemy cannot parse)."""
+    return _URL_PASSWORD.sub(r"\1***@", url)
+
+
 def create_db_engine(url: str, *, synchronous: str = "NORMAL", echo: bool = False) -> Engine:
     """An engine with the connection set-up each backend needs.
 
@@ -184,7 +193,9 @@ def create_db_engine(url: str, *, synchronous: str = "NORMAL", echo: bool = Fals
     failing to upgrade a read lock. ``synchronous=NORMAL`` survives a killed process but may
     lose the last commits on power loss; ``FULL`` does not.
     """
-    kwargs: dict[str, Any] = {"echo": echo, "future": True}
+    # hide_parameters: an error's text (logged, shown) never quotes the values of a
+    # statement, which include the user's arguments and results.
+    kwargs: dict[str, Any] = {"echo": echo, "future": True, "hide_parameters": True}
     if is_sqlite(url):
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
     else:

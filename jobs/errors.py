@@ -93,6 +93,20 @@ class CancelTooLate(JobsError):
         self.state = state
 
 
+class IdempotencyConflict(JobsError):
+    """An idempotency key already names a job asking for something else: returning that job
+    would hand back another request's result, sending a new one would break the key."""
+
+    def __init__(self, key: str, job_id: str, differs: list[str]) -> None:
+        super().__init__(
+            f"idempotency key {key!r} already names job {job_id}, whose "
+            f"{' and '.join(differs)} differ from this request; use a new key for a new job"
+        )
+        self.key = key
+        self.job_id = job_id
+        self.differs = differs
+
+
 class ProviderError(JobsError):
     """The remote queue API failed us. ``status_code`` is None for transport failures."""
 

@@ -32,6 +32,7 @@ from .config import Secret, Settings
 
 LogFormat = Literal["text", "json"]
 REDACTED = "***"
+MIN_SUBSTRING_SECRET = 8  # shorter secrets are hidden as whole words only
 # Libraries that log every request, every scheduler run or their own set-up at INFO/DEBUG:
 # kept at WARNING whatever the level, which applies to ``jobs`` (and uvicorn) only.
 QUIET_LOGGERS = ("apscheduler", "httpx", "httpcore", "aiohttp", "alembic", "tzlocal")
@@ -87,11 +88,21 @@ class RedactFilter(logging.Filter):
         super().__init__()
         # Longest first, so a secret that contains another is hidden whole.
         self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        # A short secret (a test key such as "k") would also match inside ordinary words
+        # and garble every line: it is hidden only where it stands as a word of its own.
+        self._short = [
+            re.compile(rf"(?<![A-Za-z0-9]){re.escape(s)}(?![A-Za-z0-9])")
+            for s in self._secrets
+            if len(s) < MIN_SUBSTRING_SECRET
+        ]
         self._formatter = logging.Formatter()
 
     def redact(self, text: str) -> str:
         for secret in self._secrets:
-            text = text.replace(secret, REDACTED)
+            if len(secret) >= MIN_SUBSTRING_SECRET:
+                text = text.replace(secret, REDACTED)
+        for pattern in self._short:
+            text = pattern.sub(REDACTED, text)
         return _AUTH_VALUE.sub(lambda m: f"{m.group(1)}{m.group(2) or ''}{REDACTED}", text)
 
     def filter(self, record: logging.LogRecord) -> bool:

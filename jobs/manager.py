@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import os
 import random
@@ -30,9 +31,10 @@ from collections.abc import (
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .backoff import NextPoll, PollPolicy, next_poll
-from .config import Settings
+from .config import Settings, decimal
 from .errors import (
     CancelTooLate,
+    ConfigError,
     JobFailed,
     JobNotFinished,
     JobNotFound,
@@ -66,6 +68,7 @@ from .store import (
     MarkSubmitted,
     NewJob,
     Store,
+    column_length,
 )
 from .writer import GroupWriter
 
@@ -82,8 +85,23 @@ WAIT_LEASE = 30.0  # seconds a waiting client holds a job while it polls it
 WATCH_PERIOD = 0.5  # how often a waiter re-reads the store when someone else polls
 
 
+MAX_HOST_IN_OWNER = 40  # leaves room for ":<pid>:<6 hex>" in jobs.lease_owner, VARCHAR(64)
+
+
+def owner_host(hostname: str | None = None) -> str:
+    """This host as written in lease owners: the host name, or for a long one (Kubernetes
+    pod names run to 63 characters and more) its start and a hash, so the owner always fits
+    its column and still names the host uniquely."""
+    name = socket.gethostname() if hostname is None else hostname
+    name = name.replace(":", "_")  # the owner's separator
+    if len(name) <= MAX_HOST_IN_OWNER:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[: MAX_HOST_IN_OWNER - 9]}~{digest}"
+
+
 def _owner_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+    return f"{owner_host()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 def dead_local_owner(owner: str | None) -> str | None:
@@ -93,7 +111,7 @@ def dead_local_owner(owner: str | None) -> str | None:
         return None
     host, _, rest = owner.partition(":")
     pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit():
+    if host != owner_host() or decimal(pid) is None:
         return None
     try:
         os.kill(int(pid), 0)
@@ -130,6 +148,9 @@ class AsyncJobManager:
         self._providers: dict[str, Provider] = dict(providers or {})
         self.poll_policy = poll_policy or PollPolicy()
         self.owner = owner or _owner_name()
+        longest = column_length("lease_owner")
+        if len(self.owner) > longest:
+            raise ConfigError(f"owner {self.owner[:80]!r} is longer than {longest} characters")
         self.writer = GroupWriter(store)
         self._files: FileCache | None = None
 
@@ -155,6 +176,8 @@ class AsyncJobManager:
                 self.settings.cache_dir,
                 max_bytes=self.settings.cache_max_file_bytes,
                 timeout=self.settings.cache_file_timeout,
+                host_slots=self.settings.cache_host_slots,
+                allow_hosts=self.settings.cache_allow_hosts,
             )
         return self._files
 

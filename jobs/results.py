@@ -16,6 +16,12 @@ Why it is built this way:
 - The URLs come from a remote service's output, so they are treated as untrusted: only
   http(s) is fetched (never a local path, ``file://``, ``data:`` or a redirect to any of
   them), no credentials are sent, and every file is capped in size and in time.
+- Only public internet addresses are connected to, checked on the address actually
+  connected to after every redirect (:mod:`jobs.egress`); ``JOBS_CACHE_ALLOW_HOSTS`` opens
+  private hosts on purpose. A URL with credentials in it (``https://user:pw@host/``) is
+  refused: they would be sent.
+- Downloads share ``concurrency`` slots, and one host gets at most ``host_slots`` of them,
+  so files on a few slow hosts cannot hold every slot while the others wait.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import re
 import shutil
 import tempfile
 import time
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +45,14 @@ from typing import IO, Any
 
 import httpx
 
-from .config import DEFAULT_CACHE_FILE_TIMEOUT, DEFAULT_CACHE_MAX_FILE_BYTES
+from .config import (
+    DEFAULT_CACHE_FILE_TIMEOUT,
+    DEFAULT_CACHE_HOST_SLOTS,
+    DEFAULT_CACHE_MAX_FILE_BYTES,
+    decimal,
+)
+from .egress import AddressPolicy, GuardedResolver, refusal_in
+from .errors import ConfigError
 from .providers.http import RETRY_STATUSES, RetryPolicy, make_client, parse_retry_after
 from .store import JobFile, NewFile, Store, iso
 
@@ -55,6 +69,8 @@ CHUNK_BYTES = 64 * 1024
 DRAIN_ON_CLOSE = 30.0  # seconds aclose() lets running downloads finish before cancelling
 STALE_TEMP = 3600.0  # temp files older than this are leftovers of a crash; gc removes them
 TEMP_DIR = "tmp"
+MAX_COLUMN_TEXT = 255  # job_files.file_name and content_type (jobs/db.py)
+MAX_NAME_BYTES = 255  # the longest file name most file systems accept
 FILE_KEYS = ("content_type", "file_name", "file_size")  # besides "url": a fal File object
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _UNSAFE_NAME = re.compile(r"[\x00-\x1f\x7f/\\:]")
@@ -86,7 +102,7 @@ def find_files(result: Any) -> list[NewFile]:
                 found.append(
                     NewFile(
                         n=len(found),
-                        url=url,
+                        url=url.replace("\x00", "%00"),
                         json_path=path,
                         file_name=_text(value.get("file_name")),
                         content_type=_text(value.get("content_type")),
@@ -107,18 +123,28 @@ def _child_path(path: str, key: str) -> str:
 
 
 def _text(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
+    """A name the ``job_files`` columns can hold (VARCHAR(255), no NUL on PostgreSQL): the
+    remote service chose it, and one unfit value must not leave all the files unrecorded."""
+    if not isinstance(value, str):
+        return None
+    return value.replace("\x00", "")[:MAX_COLUMN_TEXT] or None
 
 
-def check_url(url: str) -> httpx.URL:
-    """The URL if it may be fetched (absolute http or https); else :class:`DownloadError`."""
+def check_url(url: str, policy: AddressPolicy | None = None) -> httpx.URL:
+    """The URL if it may be fetched (absolute http or https, no credentials, and with
+    ``policy`` an IP literal it allows); else :class:`DownloadError`."""
     try:
         parsed = httpx.URL(url)
-    except (httpx.InvalidURL, TypeError):
+    except (httpx.InvalidURL, TypeError, ValueError):
         raise DownloadError("refused: not a valid URL") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
         kind = f"a {parsed.scheme}: URL" if parsed.scheme else "a local path"
         raise DownloadError(f"refused: only http(s) URLs are downloaded, not {kind}")
+    if parsed.userinfo:
+        raise DownloadError("refused: the URL carries credentials (user:password@)")
+    refused = policy.check_url_host(parsed.host) if policy is not None else None
+    if refused is not None:
+        raise DownloadError(refused)
     return parsed
 
 
@@ -142,17 +168,24 @@ class FileCache:
         timeout: float = DEFAULT_CACHE_FILE_TIMEOUT,
         attempts: int = DEFAULT_ATTEMPTS,
         concurrency: int = DEFAULT_CONCURRENCY,
+        host_slots: int = DEFAULT_CACHE_HOST_SLOTS,
+        allow_hosts: Sequence[str] = (),
         client: httpx.AsyncClient | None = None,
     ) -> None:
-        """``client`` (tests pass a mock) is closed by :meth:`aclose`, like the one made here."""
+        """``client`` (tests pass a mock) is closed by :meth:`aclose`, like the one made here;
+        a client passed in connects wherever its transport does (IP literals and redirects
+        are still checked). ``allow_hosts`` is ``JOBS_CACHE_ALLOW_HOSTS``."""
         self.store = store
         self.root = Path(root)
         self.max_bytes = max_bytes
         self.timeout = timeout
         self.retry = RetryPolicy(attempts=attempts, base=0.5, cap=5.0)
+        self.policy = AddressPolicy(allow_hosts)
         self._client = client
         self._concurrency = concurrency
         self._slots = asyncio.Semaphore(concurrency)
+        self._host_slots = host_slots
+        self._per_host: dict[str, asyncio.Semaphore] = {}
         self._background: dict[str, asyncio.Task[None]] = {}
 
     def path_for(self, sha256: str) -> Path:
@@ -207,6 +240,7 @@ class FileCache:
         todo = [f for f in rows if self._needs_download(f, retry_failed)]
         if not todo:
             return rows
+        _check_directory(self.root, "the file cache (JOBS_CACHE_DIR)")
         await asyncio.gather(*(self._download_file(f) for f in todo))
         return await asyncio.to_thread(self.store.files, job_id)
 
@@ -217,13 +251,29 @@ class FileCache:
             return retry_failed
         return self.cached(file) is None
 
+    def _host_slot(self, url: str) -> asyncio.Semaphore:
+        try:
+            host = httpx.URL(url).host
+        except (httpx.InvalidURL, TypeError, ValueError):
+            host = ""
+        if host not in self._per_host:
+            self._per_host[host] = asyncio.Semaphore(self._host_slots)
+        return self._per_host[host]
+
     async def _download_file(self, file: JobFile) -> None:
-        async with self._slots:
+        # The host's slot first: a file waiting on a busy host holds no shared slot.
+        async with self._host_slot(file.url), self._slots:
+            error: str | None = None
             try:
                 sha256, size, content_type = await self.download(file.url)
             except DownloadError as exc:
+                error = str(exc)
+            except Exception as exc:  # recorded, so the row never stays pending forever
+                log.exception("downloading %s failed unexpectedly", file.url)
+                error = f"internal error: {type(exc).__name__}"
+            if error is not None:
                 await asyncio.to_thread(
-                    self.store.set_file, file.job_id, file.n, state=FAILED, error=str(exc)
+                    self.store.set_file, file.job_id, file.n, state=FAILED, error=error
                 )
                 return
         await asyncio.to_thread(
@@ -239,7 +289,7 @@ class FileCache:
     async def download(self, url: str) -> tuple[str, int, str | None]:
         """Fetch ``url`` into the cache; return ``(sha256, size, content type)``. Retries
         transient failures; raises :class:`DownloadError` with the reason otherwise."""
-        check_url(url)
+        check_url(url, self.policy)
         try:
             async with asyncio.timeout(self.timeout):
                 attempt = 1
@@ -259,7 +309,9 @@ class FileCache:
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
             self._client = make_client(
-                max_connections=self._concurrency * 2, timeout=httpx.Timeout(60.0, connect=10.0)
+                max_connections=self._concurrency * 2,
+                timeout=httpx.Timeout(60.0, connect=10.0),
+                resolver=GuardedResolver(self.policy),
             )
         return self._client
 
@@ -270,19 +322,23 @@ class FileCache:
                 async with self._http().stream("GET", target) as response:
                     code = response.status_code
                     if response.is_redirect:
-                        target = check_url(str(response.url.join(response.headers["location"])))
+                        location = response.url.join(response.headers["location"])
+                        target = check_url(str(location), self.policy)
                         continue
                     if code in RETRY_STATUSES:
                         retry_after = parse_retry_after(response.headers.get("retry-after"))
                         raise _Transient(f"HTTP {code}", retry_after)
                     if code != 200:
                         raise DownloadError(f"HTTP {code} {response.reason_phrase}".rstrip())
-                    declared = response.headers.get("content-length", "")
-                    if declared.isdigit() and int(declared) > self.max_bytes:
-                        raise DownloadError(self._too_large(int(declared)))
+                    declared = decimal(response.headers.get("content-length", ""))
+                    if declared is not None and declared > self.max_bytes:
+                        raise DownloadError(self._too_large(declared))
                     sha256, size = await self._save(response)
                     return sha256, size, response.headers.get("content-type")
             except httpx.TransportError as exc:
+                refused = refusal_in(exc)
+                if refused is not None:
+                    raise DownloadError(str(refused)) from None
                 raise _Transient(f"{type(exc).__name__}: {exc}".rstrip(": ")) from None
         raise DownloadError(f"more than {MAX_REDIRECTS} redirects")
 
@@ -339,6 +395,7 @@ class FileCache:
     def copy_out(self, files: Sequence[JobFile], dest: Path, taken: set[str]) -> list[SavedFile]:
         """Copy cached files into ``dest``, each under its file name made safe and unique
         among ``taken`` (names already used in this copy; updated). Blocking."""
+        _check_directory(dest, "the target folder")
         dest.mkdir(parents=True, exist_ok=True)
         saved = []
         for file in files:
@@ -346,8 +403,7 @@ class FileCache:
             if source is None:
                 saved.append(SavedFile(file=file, name=None))
                 continue
-            name = unique_name(safe_name(file), taken)
-            shutil.copyfile(source, dest / name)
+            name = _copy_new(source, dest, safe_name(file), taken)
             saved.append(SavedFile(file=file, name=name))
         return saved
 
@@ -365,6 +421,46 @@ class SavedFile:
         return data
 
 
+def _check_directory(path: Path, what: str) -> None:
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} is a file, not a directory")
+
+
+def _copy_new(source: Path, dest: Path, name: str, taken: set[str]) -> str:
+    """Copy ``source`` into ``dest`` under ``name`` or the first free variant of it, and
+    return the name used. Nothing in ``dest`` is overwritten and no link in it is followed
+    (``O_EXCL | O_NOFOLLOW``); a file already there with the same bytes (an earlier copy of
+    this one) is reused, so running the same command twice copies nothing twice."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(1000):  # bounded: each round takes a name no one had taken
+        candidate = unique_name(name, taken)
+        target = dest / candidate
+        try:
+            fd = os.open(target, flags, 0o644)
+        except FileExistsError:
+            if _same_file(source, target):
+                return candidate
+            continue
+        with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+            shutil.copyfileobj(src, out)
+        return candidate
+    raise OSError(f"no free name for {name!r} in {dest}")
+
+
+def _same_file(source: Path, target: Path) -> bool:
+    if target.is_symlink() or not target.is_file():
+        return False
+    if target.stat().st_size != source.stat().st_size:
+        return False
+    with source.open("rb") as a, target.open("rb") as b:
+        while True:
+            left, right = a.read(CHUNK_BYTES), b.read(CHUNK_BYTES)
+            if left != right:
+                return False
+            if not left:
+                return True
+
+
 def cache_path(root: Path, sha256: str) -> Path:
     """Where the file with this SHA-256 lives: ``<root>/ab/abcdef…``."""
     return root / sha256[:2] / sha256
@@ -379,18 +475,45 @@ def _commit(out: IO[bytes], temp: str, final: Path) -> None:
 
 
 def safe_name(file: JobFile) -> str:
-    """A file name that stays inside the target folder: the result's ``file_name``, else the
-    URL's last segment, else ``<job>-<n>``; an extension from the content type if none."""
-    candidates = [file.file_name or "", httpx.URL(file.url).path.rsplit("/", 1)[-1]]
+    """A file name that stays inside the target folder and reads as what it is: the
+    result's ``file_name``, else the URL's last segment, else ``<job>-<n>``; an extension
+    from the content type if none. Separators and control characters become ``_``; format
+    characters (bidirectional overrides that make ``gpj.exe`` read as ``exe.jpg``,
+    zero-width marks) are dropped; a leading ``-`` (read as an option by shell tools)
+    becomes ``_``; the name fits in 255 bytes, its extension kept."""
+    candidates = [file.file_name or "", _url_name(file.url)]
     for raw in candidates:
-        name = _UNSAFE_NAME.sub("_", raw.replace("\\", "/").rsplit("/", 1)[-1]).strip(" .")
+        last = raw.replace("\\", "/").rsplit("/", 1)[-1]
+        visible = "".join(c for c in last if unicodedata.category(c) != "Cf")
+        name = _UNSAFE_NAME.sub("_", visible).strip(" .")
         if name:
             break
     else:
         name = f"{file.job_id}-{file.n}"
+    if name.startswith("-"):
+        name = "_" + name[1:]
     if not Path(name).suffix and file.content_type:
         name += mimetypes.guess_extension(file.content_type.split(";")[0].strip()) or ""
-    return name[-200:]
+    return _fit_bytes(name, MAX_NAME_BYTES)
+
+
+def _url_name(url: str) -> str:
+    try:
+        return httpx.URL(url).path.rsplit("/", 1)[-1]
+    except (httpx.InvalidURL, TypeError, ValueError):
+        return ""
+
+
+def _fit_bytes(name: str, limit: int) -> str:
+    """``name`` cut (in its stem) to at most ``limit`` bytes of UTF-8."""
+    if len(name.encode()) <= limit:
+        return name
+    suffix = Path(name).suffix
+    if len(suffix.encode()) > limit // 4:
+        suffix = ""
+    stem = name[: len(name) - len(suffix)] if suffix else name
+    room = limit - len(suffix.encode())
+    return stem.encode()[:room].decode(errors="ignore") + suffix
 
 
 def unique_name(name: str, taken: set[str]) -> str:

@@ -19,6 +19,7 @@ Why it is put together this way:
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import signal
@@ -28,6 +29,7 @@ from typing import TypedDict
 import uvicorn
 
 from .config import Settings
+from .errors import ConfigError
 from .logs import LogFormat, configure
 from .manager import AsyncJobManager
 from .migrate import current, upgrade
@@ -61,8 +63,20 @@ def serve(
     log_level: str = "info",
     access_log: bool = False,
 ) -> None:
-    """Migrate, then serve until SIGTERM/SIGINT; returns once everything is shut down."""
+    """Migrate, then serve until SIGTERM/SIGINT; returns once everything is shut down.
+    Refuses to start (``ConfigError``) without ``FAL_KEY``: every poll and submit needs it."""
+    if settings.fal_key is None:
+        raise ConfigError(
+            "FAL_KEY is not set: jobsctl serve polls and submits to fal and needs the key "
+            "(FAL_KEY, or FAL_KEY_ID and FAL_KEY_SECRET)"
+        )
     configure(settings, log_format=log_format, level=log_level)
+    if settings.api_token is None and not is_loopback(host):
+        log.warning(
+            "serving on %s without JOBS_API_TOKEN: anyone who can reach this address can "
+            "submit, read and cancel jobs; set JOBS_API_TOKEN (docs/security.md)",
+            host,
+        )
     store = Store.open(settings.database_url, synchronous=settings.sqlite_synchronous)
     try:
         upgrade(store.engine)
@@ -79,7 +93,7 @@ def serve(
             finally:
                 await manager.aclose()
 
-        app = create_app(manager, settings=settings, lifespan_hooks=[(start, stop)])
+        app = create_app(manager, settings=settings, lifespan_hooks=[(start, stop)], bind_host=host)
         config = uvicorn.Config(
             app,
             host=host,
@@ -102,6 +116,16 @@ def serve(
         server.run()
     finally:
         store.close()
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the server reachable from this machine only."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to any interface
 
 
 def _exit_quietly_on_signals(server: uvicorn.Server) -> None:

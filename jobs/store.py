@@ -28,19 +28,32 @@ from typing import Any, Protocol, TypeVar
 from sqlalchemy import Row, and_, bindparam, delete, exists, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, PendingRollbackError
 from sqlalchemy.sql.dml import Insert
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.selectable import Exists, Select
 
-from .db import create_db_engine, job_events, job_files, job_logs, jobs, provider_accounts, results
-from .errors import AmbiguousJobRef, ConfigError, JobNotFound
+from .db import (
+    create_db_engine,
+    hide_password,
+    job_events,
+    job_files,
+    job_logs,
+    jobs,
+    provider_accounts,
+    results,
+)
+from .errors import AmbiguousJobRef, ConfigError, IdempotencyConflict, JobNotFound
 from .providers.base import Observation, RemoteRef, Submitted
 from .states import ACTIVE, FailureReason, State, can_transition
 
 T = TypeVar("T")
 
 DB_RETRIES = 5
+# Labels are stored as JSON: these bound what one job can make the database hold.
+MAX_LABELS = 64
+MAX_LABEL_KEY = 64
+MAX_LABEL_VALUE = 255
 
 
 def new_job_id() -> str:
@@ -206,6 +219,44 @@ class NewJob:
     download_files: bool = False
     retry_of: str | None = None
 
+    def __post_init__(self) -> None:
+        """Refuse (``ConfigError`` naming the field) a value its column cannot hold, before
+        anything is recorded: PostgreSQL refuses an over-long ``VARCHAR`` and any NUL."""
+        for name in ("application", "path", "priority", "hint", "batch", "idempotency_key"):
+            check_column_text(name, getattr(self, name))
+        if len(self.labels) > MAX_LABELS:
+            raise ConfigError(f"labels: {len(self.labels)} labels, the most is {MAX_LABELS}")
+        for key, value in self.labels.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise ConfigError("labels: keys and values must be strings")
+            _check_text(f"label {key[:40]!r}", key, MAX_LABEL_KEY)
+            _check_text(f"label {key[:40]!r}", value, MAX_LABEL_VALUE)
+
+
+def column_length(name: str) -> int:
+    """The ``VARCHAR`` length of ``jobs.<name>`` (jobs/db.py)."""
+    length = getattr(jobs.c[name].type, "length", None)
+    assert isinstance(length, int), f"jobs.{name} is not a VARCHAR column"
+    return length
+
+
+def check_column_text(name: str, value: str | None) -> None:
+    """``ConfigError`` unless ``value`` fits the ``jobs.<name>`` column (or is None)."""
+    if value is not None:
+        _check_text(name, value, column_length(name))
+
+
+def _storable(value: str, column: str) -> bool:
+    """Whether a ``jobs.<column>`` value could equal ``value`` (PostgreSQL refuses NUL)."""
+    return "\x00" not in value and len(value) <= column_length(column)
+
+
+def _check_text(name: str, value: str, limit: int) -> None:
+    if "\x00" in value:
+        raise ConfigError(f"{name} holds a NUL character")
+    if len(value) > limit:
+        raise ConfigError(f"{name} is {len(value)} characters long; the most is {limit}")
+
 
 @dataclass(frozen=True)
 class Applied:
@@ -332,8 +383,21 @@ class Change:
     schedule: Schedule | None = None
     only_from: tuple[State, ...] | None = None
 
+    def __post_init__(self) -> None:
+        _check_ids((("request_id", self.request_id, "request_id"),))
+
     def run(self, conn: Connection, now: float) -> Applied | None:
         return _apply_one(conn, self, now)
+
+
+def _check_ids(ids: Sequence[tuple[str, str | None, str]]) -> None:
+    """Ids from a webhook (its body, its ?job=) are outside input: one the columns cannot
+    hold names no job, and is refused as malformed (ValueError) rather than sent to SQL."""
+    for name, value, column in ids:
+        if value is not None and ("\x00" in value or len(value) > column_length(column)):
+            raise ValueError(
+                f"{name} is not an id: NUL, or over {column_length(column)} characters"
+            )
 
 
 @dataclass(frozen=True)
@@ -377,6 +441,9 @@ class Callback:
     attempt: int | None = None
     account: str | None = None
     schedule: Schedule | None = None
+
+    def __post_init__(self) -> None:
+        _check_ids((("request_id", self.request_id, "request_id"), ("job id", self.job_id, "id")))
 
     def run(self, conn: Connection, now: float) -> Delivered:
         account = self.account or _account(conn, self.provider)
@@ -476,6 +543,8 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.sqlite = engine.dialect.name == "sqlite"
+        # Why the last write failed, while no write has succeeded since (see _tx).
+        self.write_failure: str | None = None
         self._write_lock = threading.Lock() if self.sqlite else None
 
     @classmethod
@@ -483,7 +552,9 @@ class Store:
         try:
             engine = create_db_engine(url, synchronous=synchronous)
         except Exception as exc:  # bad URL, missing driver
-            raise ConfigError(f"cannot open database {url!r}: {exc}") from None
+            shown = hide_password(url)
+            reason = str(exc).replace(url, shown)
+            raise ConfigError(f"cannot open database {shown!r}: {reason}") from None
         return cls(engine)
 
     def close(self) -> None:
@@ -500,7 +571,9 @@ class Store:
                 yield conn
 
     def _tx(self, fn: Callable[[Connection], T], *, write: bool = True) -> T:
-        """Run ``fn`` in one transaction; retry transient failures a bounded number of times."""
+        """Run ``fn`` in one transaction; retry transient failures a bounded number of times.
+        A write that fails for a reason other than a constraint is remembered
+        (:attr:`write_failure`, shown by ``/healthz``) until a write succeeds."""
         lock = self._write_lock if write and self._write_lock is not None else nullcontext()
         for attempt in range(1, DB_RETRIES + 1):
             try:
@@ -508,14 +581,28 @@ class Store:
                     try:
                         outcome = fn(conn)
                         _flush_inserts(conn)
-                        return outcome
                     finally:
                         conn.info.pop(_PENDING, None)
+                if write:
+                    self.write_failure = None
+                return outcome
+            except PendingRollbackError as exc:
+                # A connection dropped mid-transaction (a PostgreSQL restart): a new one works.
+                if attempt == DB_RETRIES:
+                    self._note_write_failure(write, exc)
+                    raise
             except (OperationalError, DBAPIError) as exc:
                 if isinstance(exc, IntegrityError) or not _transient(exc) or attempt == DB_RETRIES:
+                    if not isinstance(exc, IntegrityError):
+                        self._note_write_failure(write, exc)
                     raise
-                time.sleep(min(2.0, 0.05 * 2**attempt))
+            time.sleep(min(2.0, 0.05 * 2**attempt))
         raise AssertionError("unreachable")
+
+    def _note_write_failure(self, write: bool, exc: Exception) -> None:
+        if write:
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+            self.write_failure = f"{type(exc).__name__}: {reason[0] if reason else ''}"[:300]
 
     def ping(self) -> None:
         self._tx(lambda c: c.execute(select(1)).scalar_one(), write=False)
@@ -544,7 +631,9 @@ class Store:
                     select(jobs).where(jobs.c.idempotency_key == new.idempotency_key)
                 ).first()
                 if existing is not None:
-                    return Job.from_row(existing), False
+                    job = Job.from_row(existing)
+                    _check_same_request(job, new)
+                    return job, False
             conn.execute(insert(jobs).values(**_new_job_values(new, job_id, now)))
             _event(conn, job_id, now, "created", to_state=State.SUBMITTING)
             job = _get(conn, job_id)
@@ -952,6 +1041,8 @@ class Store:
         return Job.from_row(rows[0])
 
     def find_by_request_id(self, provider: str, request_id: str) -> Job | None:
+        if not _storable(request_id, "request_id"):
+            return None
         row = self._tx(
             lambda conn: conn.execute(
                 select(jobs).where(jobs.c.request_id == request_id, jobs.c.provider == provider)
@@ -969,7 +1060,11 @@ class Store:
         limit: int = 100,
         before: str | None = None,
     ) -> list[Job]:
-        """Newest first; ``before`` is the id of the last job of the previous page."""
+        """Newest first; ``before`` is the id of the last job of the previous page. A filter
+        no stored value can equal (a NUL, too long) matches nothing."""
+        filters = ((application, "application"), (batch, "batch"), (before, "request_id"))
+        if any(value is not None and not _storable(value, column) for value, column in filters):
+            return []
         query = select(jobs).order_by(jobs.c.id.desc()).limit(limit)
         if states:
             query = query.where(jobs.c.state.in_([s.value for s in states]))
@@ -1431,6 +1526,26 @@ def _learn_account(conn: Connection, provider: str, user_id: str, now: float) ->
     account = _account(conn, provider)
     assert account is not None
     return account
+
+
+def _check_same_request(job: Job, new: NewJob) -> None:
+    """:class:`IdempotencyConflict` unless ``new`` asks for what ``job`` (found by ``new``'s
+    idempotency key) asked for: the same application, path and arguments."""
+    differs = [
+        name
+        for name, before, after in (
+            ("application", job.application, new.application),
+            ("path", job.path, new.path),
+            ("arguments", _canonical(job.arguments), _canonical(new.arguments)),
+        )
+        if before != after
+    ]
+    if differs:
+        raise IdempotencyConflict(new.idempotency_key or "", job.id, differs)
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
 def _new_job_values(new: NewJob, job_id: str, now: float) -> dict[str, Any]:

@@ -58,6 +58,7 @@ def env(tmp_path: Path, fake_fal: str) -> dict[str, str]:
         "JOBS_DATABASE_URL": f"sqlite:///{tmp_path}/jobs.db",
         "JOBS_FAL_QUEUE_URL": fake_fal,
         "FAL_KEY": "cli-test-key",
+        "JOBS_CACHE_ALLOW_HOSTS": "127.0.0.1",  # the emulator's result files
     }
 
 

@@ -36,6 +36,7 @@ def env(tmp_path: Path, fal: FakeFalServer) -> dict[str, str]:
         "JOBS_FAL_QUEUE_URL": fal.url,
         "FAL_KEY": "cli-batch-key",
         "JOBS_CACHE_DIR": str(tmp_path / "cache"),
+        "JOBS_CACHE_ALLOW_HOSTS": "127.0.0.1",  # the emulator's result files
     }
 
 

@@ -636,3 +636,29 @@ async def test_in_process_with_a_scripted_clock() -> None:
         fake.tick()
         assert fake.get_request(data["request_id"]) is None
         assert (await client.get(data["response_url"])).status_code == 404
+
+
+@pytest.mark.parametrize("received", [b"", b'{"prompt": "a c'])
+async def test_a_body_cut_off_midway_queues_nothing(received: bytes) -> None:
+    fake = FakeFal(FakeFalConfig())
+    messages = [
+        {"type": "http.request", "body": received, "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/fal-ai/flux/dev",
+        "query_string": b"",
+        "headers": [(b"host", b"fal.test"), (b"content-type", b"application/json")],
+    }
+    await fake(scope, receive, send)
+    assert fake.stats.submits == 0 and len(fake.queue) == 0

@@ -68,6 +68,9 @@ async def test_refetches_after_max_age(
     rotated = Ed25519PrivateKey.generate()
     server.keys = [rotated]
     clock.now += 100
+    # Expired keys are still served while the refetch runs in the background.
+    assert _raw(await cache.keys()) != _pub(rotated)
+    await cache.idle()
     assert _raw(await cache.keys()) == _pub(rotated)
     assert server.requests == 2
 
@@ -140,6 +143,7 @@ async def test_down_with_keys_cached_keeps_them(
     server.down = True
     clock.now += 200  # expired: the next use tries to refetch, fails, keeps the old keys
     assert _raw(await cache.keys()) == _pub(signer)
+    await cache.idle()
     assert server.requests == 2
     # ... and does not try again on every call while the URL is down.
     assert _raw(await cache.keys()) == _pub(signer)
@@ -148,6 +152,7 @@ async def test_down_with_keys_cached_keeps_them(
     clock.now += 60
     server.down = False
     await cache.keys()
+    await cache.idle()
     assert server.requests == 3
 
 
@@ -203,3 +208,70 @@ async def test_several_keys_are_all_returned(client: httpx.AsyncClient, clock: C
     async with httpx.AsyncClient(transport=httpx.MockTransport(server)) as c:
         keys = await _cache(c, clock).keys()
     assert len(keys) == 2 and _raw(keys)[0] == _pub(other)[0]
+
+
+class _Hanging:
+    """A JWKS host that answers the headers, then sends one byte and never the rest (a
+    drip feed), once ``hang`` is set; ``clock_step`` seconds pass during each request."""
+
+    def __init__(self, server: JwksServer, clock: Clock, clock_step: float = 0.0) -> None:
+        self.server = server
+        self.clock = clock
+        self.clock_step = clock_step
+        self.hang = False
+        self.never = asyncio.Event()
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.clock.now += self.clock_step
+        if not self.hang:
+            return self.server(request)
+        self.server.requests += 1
+
+        async def drip() -> Any:
+            yield b"{"
+            await self.never.wait()
+
+        return httpx.Response(200, content=drip())
+
+
+async def test_a_drip_feeding_host_is_cut_off_as_a_whole(server: JwksServer, clock: Clock) -> None:
+    host = _Hanging(server, clock)
+    host.hang = True
+    async with httpx.AsyncClient(transport=httpx.MockTransport(host)) as client:
+        cache = _cache(client, clock, fetch_timeout=0.2)
+        with pytest.raises(JwksUnavailable):
+            await asyncio.wait_for(cache.keys(), timeout=10)
+
+
+async def test_cached_keys_are_served_while_a_refresh_hangs(
+    server: JwksServer, clock: Clock, signer: Ed25519PrivateKey
+) -> None:
+    host = _Hanging(server, clock)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(host)) as client:
+        cache = _cache(client, clock, max_age=100, fetch_timeout=30)
+        await cache.keys()
+        host.hang = True
+        clock.now += 200
+        for _ in range(3):  # no caller waits on the hanging refresh
+            assert _raw(await asyncio.wait_for(cache.keys(), timeout=5)) == _pub(signer)
+        assert server.requests == 2  # one refresh in flight, not one per caller
+        await cache.aclose()
+
+
+async def test_the_minute_between_fetches_counts_from_the_end_of_one(
+    server: JwksServer, clock: Clock
+) -> None:
+    host = _Hanging(server, clock, clock_step=50)  # every fetch takes 50 s
+    server.down = True
+    async with httpx.AsyncClient(transport=httpx.MockTransport(host)) as client:
+        cache = _cache(client, clock, refresh_interval=60)
+        with pytest.raises(JwksUnavailable):
+            await cache.keys()  # started at 1000, failed at 1050
+        clock.now += 20  # 70 s after the start, 20 s after the end
+        with pytest.raises(JwksUnavailable):
+            await cache.keys()
+        assert server.requests == 1
+        clock.now += 40  # 60 s after the end
+        with pytest.raises(JwksUnavailable):
+            await cache.keys()
+        assert server.requests == 2

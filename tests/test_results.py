@@ -238,7 +238,7 @@ async def test_failures_are_recorded_not_skipped(
 async def test_a_file_over_the_cap_fails_and_leaves_nothing(
     jm: AsyncJobManager, fal: FakeFalServer, tmp_path: Path
 ) -> None:
-    cache = FileCache(jm.store, tmp_path / "cache", max_bytes=1000)
+    cache = FileCache(jm.store, tmp_path / "cache", max_bytes=1000, allow_hosts=["127.0.0.1"])
     try:
         job = await jm._db(
             _succeeded, jm.store, {"image": _image(f"{fal.url}/_fake/files/r/0.png")}
@@ -488,7 +488,7 @@ async def test_files_are_served_over_http(jm: AsyncJobManager, fal: FakeFalServe
     job = await jm._db(_succeeded, jm.store, result)
     app = create_app(jm, settings=jm.settings)
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://jobs") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         pending = await client.get(f"/v1/jobs/{job.id}/files/0")
         assert pending.status_code == 404  # nothing recorded yet: not asked to download
         await jm._db(jm.store.add_files, job.id, find_files(result))

@@ -93,7 +93,7 @@ async def client_for() -> AsyncIterator[Client]:
 
     def make(app: Starlette, **headers: str) -> httpx.AsyncClient:
         client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://testserver", headers=headers
+            transport=httpx.ASGITransport(app=app), base_url="http://localhost", headers=headers
         )
         clients.append(client)
         return client
@@ -133,8 +133,8 @@ async def test_submit_answers_202_with_this_servers_urls(
     body = response.json()
     assert set(body) == {"id", "request_id", "state", "status_url", "result_url"}
     assert body["state"] == "queued" and body["request_id"]
-    assert body["status_url"] == f"http://testserver/v1/jobs/{body['id']}"
-    assert body["result_url"] == f"http://testserver/v1/jobs/{body['id']}/result"
+    assert body["status_url"] == f"http://localhost/v1/jobs/{body['id']}"
+    assert body["result_url"] == f"http://localhost/v1/jobs/{body['id']}/result"
     assert response.headers["location"] == body["status_url"]
     assert fal.fake.stats.submits == 1
     job = await manager.status(body["id"])

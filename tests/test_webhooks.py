@@ -158,7 +158,7 @@ async def _harness(settings: Settings, jwks: JwksCache) -> AsyncIterator[Harness
     app = create_app(manager, settings=settings, jwks=jwks, body_limit=LIMIT)
     transport = httpx.ASGITransport(app=app)
     try:
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             yield Harness(manager, app, client)
     finally:
         await manager.aclose()
@@ -375,7 +375,7 @@ async def test_several_keys_any_may_sign(
             manager, settings=settings, jwks=JwksCache("https://k/jwks", jwks_client, clock=clock)
         )
         async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://testserver"
+            transport=httpx.ASGITransport(app=app), base_url="http://localhost"
         ) as client:
             h = Harness(manager, app, client)
             h.queued("req-a")
@@ -673,3 +673,13 @@ async def test_emulator_delivery_end_to_end_without_a_result_fetch(
     assert result["prompt"] == "e2e"
     assert fal.fake.stats.webhook_successes == 1
     assert fal.fake.stats.result_fetches == 0 and fal.fake.stats.status_polls == 0
+
+
+@pytest.mark.parametrize(
+    ("request_id", "job"), [("r" * 200, None), ("req-x", "j\x00"), ("req-y", "j" * 40)]
+)
+async def test_ids_no_column_can_hold_are_malformed(
+    harness: Harness, signer: Ed25519PrivateKey, request_id: str, job: str | None
+) -> None:
+    response = await harness.deliver(_ok(request_id), key=signer, job=job)
+    assert response.status_code == 400 and response.json()["error"]["type"] == "malformed"

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import aiohttp
 import httpx
+from aiohttp.abc import AbstractResolver
 from httpx_aiohttp import AiohttpTransport
 
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
@@ -27,11 +28,25 @@ RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
 def make_client(
-    *, max_connections: int = 256, timeout: httpx.Timeout = DEFAULT_TIMEOUT
+    *,
+    max_connections: int = 256,
+    timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+    resolver: AbstractResolver | None = None,
 ) -> httpx.AsyncClient:
-    """An ``httpx.AsyncClient`` on aiohttp's connection engine."""
+    """An ``httpx.AsyncClient`` on aiohttp's connection engine; ``resolver`` (the file
+    cache's :class:`~jobs.egress.GuardedResolver`) decides which addresses it connects to."""
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=None)
     transport = AiohttpTransport(limits=limits)
+    if resolver is not None:
+        ssl_context = transport.ssl_context
+
+        def session() -> aiohttp.ClientSession:  # made inside the event loop, on first use
+            connector = aiohttp.TCPConnector(
+                limit=max_connections, ssl=ssl_context, resolver=resolver
+            )
+            return aiohttp.ClientSession(connector=connector)
+
+        transport.client = session
     return httpx.AsyncClient(transport=transport, timeout=timeout)
 
 

@@ -31,16 +31,21 @@ def header_map(scope: Scope) -> dict[str, str]:
     return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
 
 
+class Disconnected(Exception):
+    """The client went away before its request body ended: there is no request to serve."""
+
+
 async def read_body(receive: Receive) -> bytes:
+    """The whole request body; :class:`Disconnected` when the client left before its end
+    (a body cut off mid-way must not be read as a shorter, or empty, request)."""
     chunks = []
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            break
+            raise Disconnected
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
+            return b"".join(chunks)
 
 
 async def send_bytes(

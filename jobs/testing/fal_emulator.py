@@ -218,10 +218,13 @@ class FakeFal:
             await self._lifespan(receive, send)
         elif kind == "http":
             path: str = scope["path"]
-            if path.startswith("/_fake/") or path.startswith("/.well-known/"):
-                await handle_control(self, scope, receive, send)
-            else:
-                await self._queue_api(scope, receive, send)
+            try:
+                if path.startswith("/_fake/") or path.startswith("/.well-known/"):
+                    await handle_control(self, scope, receive, send)
+                else:
+                    await self._queue_api(scope, receive, send)
+            except _asgi.Disconnected:
+                return  # nothing was queued or changed: the body never arrived whole
         elif kind == "websocket":
             await send({"type": "websocket.close", "code": 1008})
 

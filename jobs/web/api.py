@@ -17,10 +17,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..errors import JobFailed
+from ..config import decimal
+from ..errors import ConfigError, JobFailed
 from ..manager import AsyncJobManager
 from ..states import FailureReason, State
-from ..store import Job
+from ..store import Job, check_column_text, column_length
 from .errors import InvalidRequest, error_response
 
 # Fields of POST /v1/jobs and whether each is required; openapi.py documents the same set.
@@ -34,10 +35,11 @@ SUBMIT_FIELDS = {
     "batch": False,
     "idempotency_key": False,
 }
-MAX_TEXT = 1000  # longest accepted value of a short text field (application, batch, …)
+SUBMIT_PATH = "/v1/jobs"
 DEFAULT_PAGE = 50
 MAX_PAGE = 500
 MAX_CURSOR = 64
+MAX_REF = 255  # the longest job reference the store looks up (an idempotency key)
 # How long a cancel request waits for the provider's answer to show up before replying 202.
 CANCEL_WAIT = 0.0
 # Longest a submit request waits for the provider's rate limit to pass; beyond it the job
@@ -60,8 +62,43 @@ def _text(body: Mapping[str, Any], name: str, *, required: bool = False) -> str 
         return None
     if not isinstance(value, str) or not value.strip():
         raise InvalidRequest(f"'{name}' must be a non-empty string", field=name)
-    if len(value) > MAX_TEXT:
-        raise InvalidRequest(f"'{name}' is longer than {MAX_TEXT} characters", field=name)
+    try:
+        check_column_text(name, value)
+    except ConfigError as exc:
+        raise InvalidRequest(str(exc), field=name) from None
+    return value
+
+
+def require_json(request: Request) -> None:
+    """415 unless the body is declared JSON. A web page on another site can send a form or
+    ``text/plain`` body without the browser asking first (CORS preflight), but not this."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise InvalidRequest(
+            "send the body as JSON with 'Content-Type: application/json'",
+            status=415,
+            kind="unsupported_media_type",
+        )
+
+
+def job_ref(request: Request) -> str:
+    """The ``{id}`` of a job route (our id or a request id): 400 for one no job can have."""
+    ref: str = request.path_params["id"]
+    if "\x00" in ref or len(ref) > MAX_REF:
+        raise InvalidRequest(
+            "not a job id or request id", status=400, field="id", kind="bad_request"
+        )
+    return ref
+
+
+def query_text(request: Request, name: str, limit: int) -> str | None:
+    """A text query parameter (empty counts as absent): 422, like every bad parameter, when
+    it holds a NUL character or is longer than ``limit`` (no stored value could match)."""
+    value = request.query_params.get(name) or None
+    if value is not None and ("\x00" in value or len(value) > limit):
+        raise InvalidRequest(
+            f"'{name}' must be at most {limit} characters, with no NUL", field=name
+        )
     return value
 
 
@@ -105,9 +142,10 @@ def parse_submit(raw: bytes) -> dict[str, Any]:
 def _limit(raw: str | None) -> int:
     if raw is None:
         return DEFAULT_PAGE
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+    value = decimal(raw)
+    if value is None or not 1 <= value <= MAX_PAGE:
         raise InvalidRequest(f"'limit' must be an integer from 1 to {MAX_PAGE}", field="limit")
-    return int(raw)
+    return value
 
 
 def _state(raw: str | None) -> State | None:
@@ -121,7 +159,7 @@ def _state(raw: str | None) -> State | None:
 
 
 def _cursor(raw: str | None) -> str | None:
-    if raw is not None and (not raw or len(raw) > MAX_CURSOR):
+    if raw is not None and (not raw or len(raw) > MAX_CURSOR or "\x00" in raw):
         raise InvalidRequest("'cursor' is not a cursor this server returned", field="cursor")
     return raw
 
@@ -137,8 +175,8 @@ class JobsApi:
 
     def routes(self) -> list[Route]:
         return [
-            Route("/v1/jobs", self.submit, methods=["POST"]),
-            Route("/v1/jobs", self.list_jobs, methods=["GET"]),
+            Route(SUBMIT_PATH, self.submit, methods=["POST"]),
+            Route(SUBMIT_PATH, self.list_jobs, methods=["GET"]),
             Route("/v1/jobs/{id}", self.status, methods=["GET"]),
             Route("/v1/jobs/{id}/result", self.result, methods=["GET"]),
             Route("/v1/jobs/{id}/cancel", self.cancel, methods=["POST"]),
@@ -149,6 +187,7 @@ class JobsApi:
         return base + path
 
     async def submit(self, request: Request) -> Response:
+        require_json(request)
         options = parse_submit(await request.body())
         job = await self.manager.submit(
             options.pop("application"), **options, max_rate_wait=SUBMIT_RATE_WAIT
@@ -175,12 +214,12 @@ class JobsApi:
         return JSONResponse(body, status_code=202, headers={"Location": status_url})
 
     async def status(self, request: Request) -> Response:
-        job = await self.manager.status(request.path_params["id"])
+        job = await self.manager.status(job_ref(request))
         return JSONResponse(job.to_dict())
 
     async def result(self, request: Request) -> Response:
         try:
-            data = await self.manager.result(request.path_params["id"])
+            data = await self.manager.result(job_ref(request))
         except JobFailed as exc:
             if exc.state not in (State.FAILED, State.CANCELLED):
                 raise
@@ -188,7 +227,7 @@ class JobsApi:
         return JSONResponse(data)
 
     async def cancel(self, request: Request) -> Response:
-        job = await self.manager.cancel(request.path_params["id"], wait=CANCEL_WAIT)
+        job = await self.manager.cancel(job_ref(request), wait=CANCEL_WAIT)
         return JSONResponse(job.to_dict(), status_code=202)
 
     async def list_jobs(self, request: Request) -> Response:
@@ -196,8 +235,8 @@ class JobsApi:
         limit = _limit(query.get("limit"))
         jobs = await self.manager.list_jobs(
             state=_state(query.get("state")),
-            application=query.get("application") or None,
-            batch=query.get("batch") or None,
+            application=query_text(request, "application", column_length("application")),
+            batch=query_text(request, "batch", column_length("batch")),
             limit=limit + 1,
             before=_cursor(query.get("cursor")),
         )

@@ -19,11 +19,11 @@ from ..config import Secret, Settings
 from ..manager import AsyncJobManager
 from ..metrics import WEBHOOKS
 from ..providers.jwks import JwksCache
-from .api import JobsApi
+from .api import SUBMIT_PATH, JobsApi
 from .dashboard import Dashboard
 from .errors import exception_handlers
 from .files import JobFiles
-from .middleware import BearerAuth, BodySizeLimit, RedactSecrets, RequestId
+from .middleware import BearerAuth, BodySizeLimit, HostCheck, RedactSecrets, RequestId, ServedHosts
 from .openapi import OpenApi
 from .ops import Ops
 from .webhooks import FAL_PATH, FalWebhooks
@@ -40,6 +40,17 @@ def protected(path: str) -> bool:
     return path == "/" or path == "/v1/jobs" or path.startswith("/v1/jobs/")
 
 
+def served_hosts(settings: Settings, bind_host: str | None = None) -> ServedHosts:
+    """The host names the job API and dashboard answer to (:class:`ServedHosts`)."""
+    names = [*settings.allowed_hosts, *(n for n in (settings.public_url, bind_host) if n)]
+    return ServedHosts(names)
+
+
+def _count_too_large(path: str) -> None:
+    if path == FAL_PATH:
+        WEBHOOKS.labels("fal", "too_large").inc()
+
+
 def create_app(
     manager: AsyncJobManager,
     *,
@@ -47,13 +58,15 @@ def create_app(
     lifespan_hooks: Sequence[LifespanHook] = (),
     body_limit: int = DEFAULT_BODY_LIMIT,
     jwks: JwksCache | None = None,
+    bind_host: str | None = None,
 ) -> Starlette:
     """The HTTP API, webhook receiver, metrics and dashboard around ``manager``.
 
     ``lifespan_hooks`` are ``(startup, shutdown)`` pairs: started in order when the app
     starts, the started ones shut down in reverse order when it stops. Without ``jwks`` the
     app fetches fal's keys from ``settings.fal_jwks_url`` with a client of its own, closed
-    at shutdown.
+    at shutdown. The job API and dashboard answer to ``localhost``, the loopback and other
+    IP addresses, ``bind_host``, ``JOBS_PUBLIC_URL``'s host and ``JOBS_ALLOWED_HOSTS``.
     """
     own_client: httpx.AsyncClient | None = None
     if jwks is None:
@@ -71,6 +84,7 @@ def create_app(
         finally:
             for shutdown in reversed(shutdowns):
                 await shutdown()
+            await jwks.aclose()
             if own_client is not None:
                 await own_client.aclose()
 
@@ -81,9 +95,10 @@ def create_app(
         Middleware(
             BodySizeLimit,
             limit=body_limit,
-            paths={FAL_PATH},
-            on_reject=lambda path: WEBHOOKS.labels("fal", "too_large").inc(),
+            paths={FAL_PATH, SUBMIT_PATH},
+            on_reject=_count_too_large,
         ),
+        Middleware(HostCheck, hosts=served_hosts(settings, bind_host), guarded=protected),
     ]
     if settings.api_token is not None:
         middleware.append(Middleware(BearerAuth, token=settings.api_token, protected=protected))

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -22,6 +23,7 @@ from ..errors import (
     AmbiguousJobRef,
     CancelTooLate,
     ConfigError,
+    IdempotencyConflict,
     JobFailed,
     JobNotFinished,
     JobNotFound,
@@ -39,10 +41,13 @@ log = logging.getLogger(__name__)
 class InvalidRequest(Exception):
     """The request itself is wrong: 400 when it cannot be read, 422 when a field is bad."""
 
-    def __init__(self, message: str, *, status: int = 422, field: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, status: int = 422, field: str | None = None, kind: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.field = field
+        self.kind = kind or ("invalid_json" if status == 400 else "invalid_request")
 
 
 # (status, error type) by exception class; the most specific class wins (MRO order).
@@ -52,6 +57,7 @@ STATUS: dict[type[Exception], tuple[int, str]] = {
     NotRetryable: (409, "not_retryable"),
     JobNotFinished: (409, "not_finished"),
     CancelTooLate: (409, "already_finished"),
+    IdempotencyConflict: (409, "idempotency_conflict"),
     # The result route answers failed and cancelled jobs itself; what is left is a
     # succeeded job whose cached result was removed (``jobs gc``).
     JobFailed: (410, "result_removed"),
@@ -91,6 +97,9 @@ async def _jobs_error(request: Request, exc: Exception) -> Response:
         extra["status_code"] = exc.status_code
         detail = exc.body.get("detail") if isinstance(exc.body, Mapping) else None
         extra["detail"] = detail
+    if isinstance(exc, IdempotencyConflict):
+        extra["job"] = {"id": exc.job_id}
+        extra["differs"] = exc.differs
     if isinstance(exc, ProviderUnavailable) and exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
     if status >= 500:
@@ -100,14 +109,30 @@ async def _jobs_error(request: Request, exc: Exception) -> Response:
 
 async def _invalid_request(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, InvalidRequest)
-    kind = "invalid_json" if exc.status == 400 else "invalid_request"
-    return error_response(exc.status, kind, str(exc), field=exc.field)
+    return error_response(exc.status, exc.kind, str(exc), field=exc.field)
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     return error_response(exc.status_code, kind, exc.detail, headers=exc.headers)
+
+
+async def _database_error(request: Request, exc: Exception) -> Response:
+    # A write the database refused (a full disk, the server gone): the request may have done
+    # part of its work (a submit may have reached the provider before its outcome could be
+    # recorded), so say so, and how to find out safely. The statement's parameters are never
+    # in the text (create_db_engine sets hide_parameters).
+    assert isinstance(exc, DBAPIError)
+    reason = (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0][:200]
+    log.warning("%s %s: the database failed: %s", request.method, request.url.path, reason)
+    message = f"the database failed ({reason}); retry later"
+    if request.method == "POST":
+        message += (
+            ": the job may have been recorded and sent, so repeat a submit with the same "
+            "idempotency_key to get the same job"
+        )
+    return error_response(503, "database_unavailable", message, headers={"Retry-After": "5"})
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
@@ -120,5 +145,6 @@ def exception_handlers() -> dict[Any, ExceptionHandler]:
         JobsError: _jobs_error,
         InvalidRequest: _invalid_request,
         HTTPException: _http_exception,
+        DBAPIError: _database_error,
         Exception: _unexpected,
     }

@@ -13,8 +13,10 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
+from ..config import decimal
 from ..manager import AsyncJobManager
 from ..results import FAILED, safe_name
+from .api import job_ref
 from .errors import error_response
 
 
@@ -26,16 +28,16 @@ class JobFiles:
         return [Route("/v1/jobs/{id}/files/{n}", self.file, methods=["GET"])]
 
     async def file(self, request: Request) -> Response:
-        job = await self.manager.status(request.path_params["id"])
+        job = await self.manager.status(job_ref(request))
         raw: str = request.path_params["n"]
-        n = int(raw) if raw.isdigit() else -1
+        n = decimal(raw)
         cache = self.manager.files
         entry = next((f for f in await cache.entries(job.id) if f.n == n), None)
         if entry is None:
             return error_response(
                 404,
                 "not_found",
-                f"job {job.id} has no file {raw} in the cache (submit with --download, or set "
+                f"job {job.id} has no file {raw[:40]} in the cache (submit with --download, or set "
                 "JOBS_CACHE_FILES=1, to keep a result's files)",
             )
         path = cache.cached(entry)

@@ -8,6 +8,10 @@
   receivers, which anyone on the internet can reach) before they fill memory: from
   ``Content-Length`` before reading, and while reading a chunked body.
 - :class:`BearerAuth` checks ``Authorization: Bearer <token>`` in constant time.
+- :class:`HostCheck` answers only to the names this server is known by, so a web page on
+  another site cannot reach it through DNS rebinding (its name made to point at
+  ``127.0.0.1``) and read or change jobs, and refuses a state-changing request that a
+  browser sent from another origin (cross-site request forgery).
 
 Each is a plain ``(scope, receive, send)`` callable; none buffers what it does not need to.
 """
@@ -15,15 +19,17 @@ Each is a plain ``(scope, receive, send)`` callable; none buffers what it does n
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import re
+import urllib.parse
 import uuid
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..config import Secret
+from ..config import Secret, decimal
 
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 REDACTED = b"[redacted]"
@@ -146,10 +152,11 @@ class BodySizeLimit:
             return
         declared = _header(scope, b"content-length")
         if declared is not None:
-            if not declared.strip().isdigit():
+            size = decimal(declared.decode("latin-1"))
+            if size is None:
                 await _send_error(send, 400, "bad_request", "Content-Length is not a number")
                 return
-            if int(declared) > self.limit:
+            if size > self.limit:
                 await self._reject(scope, send)
                 return
         received = 0
@@ -200,3 +207,79 @@ class BearerAuth:
         return scheme.lower() == b"bearer" and hmac.compare_digest(
             credentials.strip(), self._token.reveal().encode()
         )
+
+
+LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def _hostname(authority: str) -> str | None:
+    """The host of a ``Host`` header or an origin's authority (``name:port``, ``[::1]:8000``),
+    lower-cased; None when it cannot be read."""
+    try:
+        parsed = urllib.parse.urlsplit("//" + authority.strip())
+        host = parsed.hostname
+        parsed.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError:
+        return None
+    return host.rstrip(".") if host else None
+
+
+class ServedHosts:
+    """The names this server answers to: ``names`` (``JOBS_PUBLIC_URL``'s host, the bind
+    address, ``JOBS_ALLOWED_HOSTS``), ``localhost`` and the loopback addresses, and any IP
+    address (DNS rebinding needs a name, and a client that dials an address names it)."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        cleaned = (urllib.parse.urlsplit(n).hostname if "://" in n else _hostname(n) for n in names)
+        self.names = frozenset(n.lower() for n in (*cleaned, *LOCAL_NAMES) if n)
+
+    def allows(self, authority: str) -> bool:
+        host = _hostname(authority)
+        if host is None:
+            return False
+        if host in self.names:
+            return True
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return True
+
+
+class HostCheck:
+    """On paths ``guarded`` selects: answer 421 to a ``Host`` not in ``hosts``, and 403 to a
+    state-changing request whose ``Origin`` (sent by browsers) is another site. Clients
+    that are not browsers send no ``Origin`` and are not affected."""
+
+    def __init__(self, app: ASGIApp, *, hosts: ServedHosts, guarded: Callable[[str], bool]) -> None:
+        self.app = app
+        self.hosts = hosts
+        self.guarded = guarded
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.guarded(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        host = (_header(scope, b"host") or b"").decode("latin-1")
+        if not self.hosts.allows(host):
+            message = (
+                f"this server does not answer to the host name {host[:100]!r}; "
+                "add it to JOBS_ALLOWED_HOSTS (or set JOBS_PUBLIC_URL) to serve it"
+            )
+            await _send_error(send, 421, "misdirected_request", message)
+            return
+        origin = _header(scope, b"origin")
+        unsafe = scope["method"] in UNSAFE_METHODS
+        if unsafe and origin is not None and not self._same_site(origin, host):
+            message = "a request from another web site's page is refused (cross-origin)"
+            await _send_error(send, 403, "cross_origin", message)
+            return
+        await self.app(scope, receive, send)
+
+    def _same_site(self, origin: bytes, host: str) -> bool:
+        """The page's origin is this server (the host asked for, or one of its names). An
+        address is not enough here: a page can be served from any address."""
+        scheme, sep, authority = origin.decode("latin-1").strip().partition("://")
+        name = _hostname(authority) if sep and scheme in ("http", "https") else None
+        return name is not None and (name == _hostname(host) or name in self.hosts.names)

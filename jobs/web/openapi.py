@@ -93,6 +93,10 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "properties": {
             "id": {"type": "string"},
+            "short_id": {
+                "type": "string",
+                "description": "the part of the id that tells jobs apart; it names the job too",
+            },
             "provider": {"type": "string"},
             "application": {"type": "string"},
             "path": _nullable("string"),
@@ -113,6 +117,9 @@ SCHEMAS: dict[str, Any] = {
             "cancel_url": _nullable("string", description="the provider's cancel URL"),
             "metrics": _nullable("object"),
             "polls": {"type": "integer"},
+            "attempts": {"type": "integer", "description": "times the job was sent"},
+            "retry_of": _nullable("string", description="the job this one retries"),
+            "tracked": {"type": "boolean", "description": "adopted by track: never sent by jobs"},
             "created_at": TIMESTAMP,
             "submitted_at": TIMESTAMP,
             "started_at": TIMESTAMP,
@@ -173,7 +180,8 @@ SCHEMAS: dict[str, Any] = {
         "required": ["status", "database"],
         "properties": {
             "status": {"enum": ["ok", "unavailable"]},
-            "database": {"enum": ["up", "down"]},
+            "database": {"enum": ["up", "down", "writes_failing"]},
+            "error": {"type": "string", "description": "why the last write failed"},
         },
     },
 }
@@ -222,8 +230,12 @@ PATHS: dict[str, Any] = {
                 "202": _json(_ref("SubmitAccepted"), "recorded and sent (or being resolved)"),
                 "400": _error("the body is not a JSON object"),
                 "401": UNAUTHORIZED,
+                "413": _error("body over the size limit"),
+                "409": _error("the idempotency_key names a job with other arguments"),
+                "415": _error("the body is not declared 'Content-Type: application/json'"),
                 "422": _error("a field is invalid, or the provider rejected the job"),
                 "502": _error("the provider could not be reached; nothing was queued"),
+                "503": _error("the database failed; repeat with the same idempotency_key"),
             },
         },
         "get": {
@@ -372,7 +384,7 @@ PATHS: dict[str, Any] = {
             "summary": "Database health",
             "responses": {
                 "200": _json(_ref("Health"), "the database answers"),
-                "503": _json(_ref("Health"), "the database does not answer"),
+                "503": _json(_ref("Health"), "the database does not answer or cannot be written"),
             },
         }
     },
@@ -407,6 +419,18 @@ PATHS: dict[str, Any] = {
         }
     },
 }
+
+
+# Every route behind the API token is also behind the host check (jobs/web/middleware.py),
+# and every one taking a job id refuses one no job can have.
+for _item in PATHS.values():
+    for _method, _op in _item.items():
+        if _op.get("security"):
+            _op["responses"]["421"] = _error("the Host header names a host this server is not")
+            if _method == "post":
+                _op["responses"]["403"] = _error("sent by a page of another web site")
+        if JOB_ID in _op.get("parameters", []):
+            _op["responses"].setdefault("400", _error("not a job id or request id"))
 
 
 def document(public_url: str | None = None) -> dict[str, Any]:

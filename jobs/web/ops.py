@@ -1,9 +1,12 @@
 """Endpoints for whoever operates the service: ``/healthz`` and ``/metrics``.
 
-Both stay open when an API token is set: load balancers and Prometheus rarely carry
-credentials, and neither answer holds job data. ``jobs_by_state`` is counted in the
-database at scrape time (off the event loop), so every replica reports the same truth;
-the counters come from the process-wide :data:`jobs.metrics.REGISTRY`.
+``/healthz`` answers 503 when the database does not answer, and also when it answers but
+its writes fail (the store remembers the last failed write until one succeeds): then no
+job can move, whatever a read says. Both stay open when an API token is set: load
+balancers and Prometheus rarely carry credentials, and neither answer holds job data.
+``jobs_by_state`` is counted in the database at scrape time (off the event loop), so
+every replica reports the same truth; the counters come from the process-wide
+:data:`jobs.metrics.REGISTRY`.
 """
 
 from __future__ import annotations
@@ -37,6 +40,12 @@ class Ops:
         except Exception as exc:  # any failure means "not healthy"; the reason goes to the log
             log.warning("health check: the database does not answer: %r", exc)
             return JSONResponse({"status": "unavailable", "database": "down"}, status_code=503)
+        failure = self.manager.store.write_failure
+        if failure is not None:
+            # Reads work but writes fail (a full disk, a value a column refuses on every poll
+            # tick): nothing can progress, so a load balancer should know.
+            body = {"status": "unavailable", "database": "writes_failing", "error": failure}
+            return JSONResponse(body, status_code=503)
         return JSONResponse({"status": "ok", "database": "up"})
 
     async def metrics(self, request: Request) -> Response:

@@ -40,6 +40,7 @@ def jobs_env(
         JOBS_FAL_QUEUE_URL=fal_url,
         JOBS_FAL_JWKS_URL=f"{fal_url}/.well-known/jwks.json",
         FAL_KEY=fal_key,
+        JOBS_CACHE_ALLOW_HOSTS="127.0.0.1",  # the emulator's result files
         **extra,
     )
     if public_url is not None:
