@@ -40,7 +40,7 @@ from jobs.providers.http import RetryPolicy, make_client
 from jobs.store import Job
 from jobs.testing import FakeFalConfig, FakeFalServer, input_hash
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
+pytestmark = pytest.mark.timeout(90)
 
 APP = "fal-ai/flux/dev"
 FAL_KEY = "fal-reliability-key-0002"

@@ -192,7 +192,7 @@ async def test_an_api_submit_behind_a_long_pause_is_recorded_and_sent_later(
     provider.gate.pause(86400)  # as after a 429 with Retry-After: 86400 (capped: 6 s)
     app = create_app(manager, settings=manager.settings)
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         # Answers at once (no wait of the pause) with the job recorded and not yet sent.
         async with asyncio.timeout(10):
             reply = await client.post(
