@@ -430,8 +430,8 @@ class Callback:
     submitted: then its account is learned (a tracked request's callback is applied
     without teaching anything). ``job_id`` (from the callback URL) names an
     ambiguous submit the request may belong to: it is adopted only when the account is
-    known and matches, and never replaces a request id the job already has (that is a
-    duplicate remote request, recorded as such)."""
+    known and matches, and never replaces a request id the job already has, nor revives a
+    job that ended (either makes it a duplicate remote request, recorded as such)."""
 
     obs: Observation
     request_id: str

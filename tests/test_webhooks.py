@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -16,11 +15,11 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from starlette.applications import Starlette
 from starlette.types import Message
 from support.jwks import Clock, JwksServer
+from support.live import live_app
 
 from jobs.config import Secret, Settings
 from jobs.manager import AsyncJobManager
@@ -626,26 +625,12 @@ async def test_webhook_and_poll_racing_store_one_result(
 async def live(tmp_path: Path, fal: FakeFalServer) -> AsyncIterator[tuple[AsyncJobManager, str]]:
     """Our app on a real socket, named by ``JOBS_PUBLIC_URL`` in the submits, fetching
     fal's keys from the emulator's JWKS."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    manager = AsyncJobManager(_settings(tmp_path, fal.url, public_url=url))
-    async with httpx.AsyncClient(trust_env=False) as keys_client:
-        jwks = JwksCache(f"{fal.url}/.well-known/jwks.json", keys_client)
-        app = create_app(manager, settings=manager.settings, jwks=jwks)
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
-        server = uvicorn.Server(config)
-        task = asyncio.create_task(server.serve(sockets=[sock]))
-        try:
-            while not server.started:
-                await asyncio.sleep(0.01)
-            yield manager, url
-        finally:
-            server.should_exit = True
-            await task
-            sock.close()
-            await manager.aclose()
-            manager.store.close()
+
+    def make(url: str) -> AsyncJobManager:
+        return AsyncJobManager(_settings(tmp_path, fal.url, public_url=url))
+
+    async with live_app(make, fal.url) as served:
+        yield served
 
 
 async def _until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
