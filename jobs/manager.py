@@ -846,9 +846,13 @@ class AsyncJobManager:
                 await _maybe_await(on_queue_update(event))
         return await self.result(job.id)
 
-    async def cancel(self, ref: str, *, wait: float = 10.0) -> Job:
+    async def cancel(
+        self, ref: str, *, wait: float = 10.0, max_rate_wait: float | None = None
+    ) -> Job:
         """Ask the provider to cancel; return the job once the outcome is known (or after
-        ``wait`` seconds). Raises :class:`CancelTooLate` when the job had already finished."""
+        ``wait`` seconds). Raises :class:`CancelTooLate` when the job had already finished,
+        and ``ProviderUnavailable`` (nothing asked, nothing recorded) when the provider's
+        rate limit would hold the cancel longer than ``max_rate_wait`` seconds."""
         job = await self.status(ref)
         if job.terminal:
             raise CancelTooLate(job.id, job.state.value)
@@ -857,7 +861,15 @@ class AsyncJobManager:
             observation = Observation(state=State.CANCELLED, source="cancel")
             applied = await self._db(self.store.apply, job.id, observation)
             return applied.job
-        accepted = await self.provider(job.provider).cancel(job.ref())
+        provider = self.provider(job.provider)
+        if max_rate_wait is not None and (delay := provider.send_delay()) > max_rate_wait:
+            raise ProviderUnavailable(
+                f"{job.provider} is rate limiting requests for {delay:.0f} s more; "
+                "ask for the cancel again then",
+                retry_after=delay,
+                reached=False,
+            )
+        accepted = await provider.cancel(job.ref())
         await self._db(self.store.mark_cancel_requested, job.id)
         try:
             job = await self.wait(job.id, timeout=wait)

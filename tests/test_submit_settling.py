@@ -232,3 +232,23 @@ def test_the_new_settings_are_read_and_checked() -> None:
     for bad in ({"JOBS_MAX_SUBMIT_ATTEMPTS": "0"}, {"JOBS_DUPLICATE_POLICY": "nuke"}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             Settings.from_env(bad)
+
+
+async def test_an_api_cancel_behind_a_long_pause_answers_at_once(
+    limited: tuple[AsyncJobManager, FakeFalServer],
+) -> None:
+    manager, server = limited
+    job = await manager.submit(APP, {"prompt": "keep", "_fake": {"duration": 30}})
+    provider = manager.provider("fal")
+    assert isinstance(provider, FalProvider)
+    provider.gate.pause(86400)
+    app = create_app(manager, settings=manager.settings)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+        async with asyncio.timeout(10):
+            reply = await client.post(f"/v1/jobs/{job.id}/cancel")
+    assert reply.status_code == 502, reply.text
+    assert int(reply.headers["retry-after"]) >= 5
+    assert "rate limiting" in reply.json()["error"]["message"]
+    assert server.fake.stats.cancels == 0
+    assert (await manager.status(job.id)).cancel_requested_at is None
