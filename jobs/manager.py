@@ -369,6 +369,7 @@ class AsyncJobManager:
             return (await self.fail_ambiguous(job)).job
         if decision == "wait":
             return job  # a webhook may still name the request; the resolver decides later
+        AMBIGUOUS_DECISIONS.labels("resubmit").inc()
         await asyncio.sleep(provider.retry_delay(job.attempts))
         fresh = await self._db(self.store.get, job.id)
         if (
@@ -387,6 +388,7 @@ class AsyncJobManager:
             return None
         if seen.failure_reason is FailureReason.RESULT_UNAVAILABLE:
             return None  # the provider does not know it: never queued
+        AMBIGUOUS_DECISIONS.labels("poll").inc()
         await self._db(
             self.store.record_event,
             job.id,

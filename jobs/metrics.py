@@ -53,7 +53,8 @@ POLLER_ERRORS = Counter(
 )
 AMBIGUOUS_DECISIONS = Counter(
     "jobs_ambiguous_decisions",
-    "Submits resolved after the grace period, by decision (send, resubmit, fail, poll).",
+    "Ambiguous submits decided, by the sender or the resolver, by decision (send, "
+    "resubmit, fail, poll: adopted after a status poll named it).",
     ["decision"],
     registry=REGISTRY,
 )
