@@ -324,7 +324,9 @@ class MarkSubmitted:
         if current.request_id is not None and current.request_id != ref.request_id:
             # An earlier attempt's request was adopted meanwhile (its webhook came first):
             # keep it, and record this one as the surplus the caller may cancel.
-            _record_duplicate(conn, current, ref.request_id, now, source="submit")
+            _record_duplicate(
+                conn, current, ref.request_id, now, source="submit", attempt=current.attempts
+            )
             return current
         values: dict[str, Any] = {
             "request_id": ref.request_id,
