@@ -25,7 +25,19 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import Row, and_, bindparam, delete, exists, func, insert, or_, select, update
+from sqlalchemy import (
+    Row,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, PendingRollbackError
@@ -233,10 +245,10 @@ class NewJob:
             _check_text(f"label {key[:40]!r}", value, MAX_LABEL_VALUE)
 
 
-def column_length(name: str) -> int:
-    """The ``VARCHAR`` length of ``jobs.<name>`` (jobs/db.py)."""
-    length = getattr(jobs.c[name].type, "length", None)
-    assert isinstance(length, int), f"jobs.{name} is not a VARCHAR column"
+def column_length(name: str, table: Table = jobs) -> int:
+    """The ``VARCHAR`` length of ``<table>.<name>`` (jobs/db.py; ``jobs`` by default)."""
+    length = getattr(table.c[name].type, "length", None)
+    assert isinstance(length, int), f"{table.name}.{name} is not a VARCHAR column"
     return length
 
 
@@ -446,6 +458,9 @@ class Callback:
 
     def __post_init__(self) -> None:
         _check_ids((("request_id", self.request_id, "request_id"), ("job id", self.job_id, "id")))
+        longest = column_length("user_id", provider_accounts)
+        if "\x00" in self.user_id or len(self.user_id) > longest:
+            raise ValueError(f"the webhook user id has NUL or is over {longest} characters")
 
     def run(self, conn: Connection, now: float) -> Delivered:
         account = self.account or _account(conn, self.provider)

@@ -236,6 +236,12 @@ def test_the_provider_account_is_learned_once(store: Store) -> None:
     assert store.account("fal") == "u-1"
 
 
+def test_a_callback_user_id_the_store_cannot_hold_is_malformed() -> None:
+    for user_id in ("u" * 256, "u\x00"):
+        with pytest.raises(ValueError, match="user id"):
+            Callback(RUNNING, request_id="r", user_id=user_id)
+
+
 def test_a_tracked_request_teaches_no_account(store: Store) -> None:
     ref = RemoteRef(application="fal-ai/flux/dev", request_id="r-t")
     new = NewJob(application="fal-ai/flux/dev", arguments={})
