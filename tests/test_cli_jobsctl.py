@@ -37,6 +37,7 @@ def env(tmp_path: Path, fal: FakeFalServer) -> dict[str, str]:
         "JOBS_DATABASE_URL": f"sqlite:///{tmp_path}/jobs.db",
         "JOBS_FAL_QUEUE_URL": fal.url,
         "JOBS_CACHE_DIR": str(tmp_path / "cache"),
+        "JOBS_CACHE_ALLOW_HOSTS": "127.0.0.1",  # the emulator serves the result files
         "FAL_KEY": "cli-test-key",
     }
 
