@@ -24,11 +24,14 @@ from .errors import (
     WaitTimeout,
 )
 from .events import Completed, InProgress, Queued, Status
+from .handles import AsyncJobHandle, SyncJobHandle
 from .manager import AsyncJobManager, JobManager
 from .states import FailureReason, State
 from .store import Job
+from .uploads import Uploaded, encode, encode_file, encode_image
 
 __all__ = [
+    "AsyncJobHandle",
     "AsyncJobManager",
     "CancelTooLate",
     "Completed",
@@ -47,6 +50,11 @@ __all__ = [
     "Settings",
     "State",
     "Status",
+    "SyncJobHandle",
+    "Uploaded",
     "WaitTimeout",
     "__version__",
+    "encode",
+    "encode_file",
+    "encode_image",
 ]

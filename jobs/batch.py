@@ -104,6 +104,26 @@ def read_lines(source: Iterable[str]) -> list[Line]:
     return lines
 
 
+def with_files(lines: Sequence[Line], urls: Sequence[tuple[str, str]]) -> list[Line]:
+    """Each good line with every dotted key of ``urls`` set to its URL (``--file`` with
+    ``--inputs``); a line where a key cannot be set becomes a bad line saying why."""
+    from .errors import UploadError
+    from .uploads import set_key
+
+    out = []
+    for line in lines:
+        arguments = line.arguments
+        try:
+            for key, url in urls:
+                arguments = None if arguments is None else set_key(arguments, key, url)
+        except UploadError as exc:
+            line = Line(line.number, None, str(exc))
+        else:
+            line = Line(line.number, arguments, line.error)
+        out.append(line)
+    return out
+
+
 def default_batch_name(path: str) -> str:
     """The batch name used when none is given: the file name without its extension."""
     name = Path(path).name
@@ -582,4 +602,5 @@ __all__ = [
     "read_lines",
     "submit_batch",
     "wait_batch",
+    "with_files",
 ]

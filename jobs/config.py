@@ -12,17 +12,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .durations import parse_lifetime
 from .errors import ConfigError
 
 DEFAULT_DATABASE_URL = "sqlite:///jobs.db"
 DEFAULT_FAL_QUEUE_URL = "https://queue.fal.run"
+DEFAULT_FAL_REST_URL = "https://rest.fal.ai"
+DEFAULT_FAL_RUN_URL = "https://fal.run"
+DEFAULT_UPLOAD_TTL = "30d"
+DEFAULT_UPLOAD_MAX_BYTES = 10 * 1024**3
 DEFAULT_FAL_JWKS_URL = "https://rest.alpha.fal.ai/.well-known/jwks.json"
 DEFAULT_REPLICATE_API_URL = "https://api.replicate.com"
 DEFAULT_CACHE_MAX_FILE_BYTES = 512 * 1024 * 1024
 DEFAULT_CACHE_FILE_TIMEOUT = 600.0
 DEFAULT_MAX_SUBMIT_ATTEMPTS = 3
 DUPLICATE_POLICIES = ("keep", "cancel")
-DEFAULT_CACHE_HOST_SLOTS = 2
+DEFAULT_CACHE_HOST_SLOTS = 8  # half the shared slots: fal serves most files from one CDN host
 
 
 class Secret:
@@ -111,6 +116,11 @@ class Settings:
     fal_key: Secret | None = None
     fal_queue_url: str = DEFAULT_FAL_QUEUE_URL
     fal_jwks_url: str = DEFAULT_FAL_JWKS_URL
+    fal_rest_url: str = DEFAULT_FAL_REST_URL
+    fal_run_url: str = DEFAULT_FAL_RUN_URL
+    # Lifetime asked for uploaded files ("never" or a duration), and the largest upload.
+    upload_ttl: str = DEFAULT_UPLOAD_TTL
+    upload_max_bytes: int = DEFAULT_UPLOAD_MAX_BYTES
     public_url: str | None = None
     # More names the job API and dashboard answer to (besides localhost, IP addresses, the
     # bind address and public_url's host): a guard against DNS rebinding.
@@ -143,6 +153,10 @@ class Settings:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        try:
+            parse_lifetime(self.upload_ttl)
+        except ValueError as exc:
+            raise ConfigError(f"JOBS_UPLOAD_TTL: {exc}") from None
         if self.ambiguous_policy not in {"resubmit", "fail"}:
             raise ConfigError(
                 f"JOBS_AMBIGUOUS_POLICY must be 'resubmit' or 'fail', not {self.ambiguous_policy!r}"
@@ -186,6 +200,14 @@ class Settings:
             "fal_key": _secret(fal_key),
             "fal_queue_url": (env.get("JOBS_FAL_QUEUE_URL") or DEFAULT_FAL_QUEUE_URL).rstrip("/"),
             "fal_jwks_url": env.get("JOBS_FAL_JWKS_URL") or DEFAULT_FAL_JWKS_URL,
+            "fal_rest_url": (env.get("JOBS_FAL_REST_URL") or DEFAULT_FAL_REST_URL).rstrip("/"),
+            "fal_run_url": (env.get("JOBS_FAL_RUN_URL") or DEFAULT_FAL_RUN_URL).rstrip("/"),
+            "upload_ttl": env.get("JOBS_UPLOAD_TTL") or DEFAULT_UPLOAD_TTL,
+            "upload_max_bytes": _number(
+                "JOBS_UPLOAD_MAX_BYTES",
+                env.get("JOBS_UPLOAD_MAX_BYTES") or str(DEFAULT_UPLOAD_MAX_BYTES),
+                int,
+            ),
             "public_url": (env.get("JOBS_PUBLIC_URL") or "").rstrip("/") or None,
             "allowed_hosts": _host_list("JOBS_ALLOWED_HOSTS", env.get("JOBS_ALLOWED_HOSTS", "")),
             "api_token": _secret(env.get("JOBS_API_TOKEN")),

@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     CheckConstraint,
     Column,
@@ -94,6 +95,8 @@ jobs = Table(
     Column("cancel_requested_at", Double),
     Column("retry_of", String(32)),
     Column("tracked", Boolean, nullable=False, default=False, server_default=false()),
+    # seconds fal may take to start the request (X-Fal-Request-Timeout), sent on every attempt
+    Column("start_timeout", Double),
     CheckConstraint(_in_list("state", STATE_VALUES), name="state"),
     CheckConstraint(
         "failure_reason IS NULL OR " + _in_list("failure_reason", FAILURE_VALUES),
@@ -169,6 +172,42 @@ provider_accounts = Table(
     Column("provider", String(16), primary_key=True),
     Column("user_id", String(255), nullable=False),
     Column("learned_at", Double, nullable=False),
+)
+
+UPLOAD_STATES = ["uploading", "uploaded", "abandoned"]
+
+# Files sent to fal's CDN, content-addressed: the same bytes (and content type) while the URL
+# lives are not sent again. A multipart upload is a row in "uploading" with its finished
+# parts in upload_parts, so a killed process can finish it with the missing parts only.
+uploads = Table(
+    "uploads",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("sha256", String(64), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("content_type", String(255), nullable=False),
+    Column("file_name", String(255)),
+    Column("state", String(16), nullable=False),
+    Column("url", Text),
+    Column("multipart_id", Text),
+    Column("access_url", Text),
+    Column("part_size", Integer),
+    Column("lifecycle_seconds", BigInteger),
+    Column("created_at", Double, nullable=False),
+    Column("uploaded_at", Double),
+    Column("expires_at", Double),
+    CheckConstraint(_in_list("state", UPLOAD_STATES), name="state"),
+    Index(None, "sha256", "content_type"),
+)
+
+upload_parts = Table(
+    "upload_parts",
+    metadata,
+    Column("upload_id", String(32), ForeignKey("uploads.id", ondelete="CASCADE"), primary_key=True),
+    Column("part_number", Integer, primary_key=True),
+    Column("etag", Text, nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("at", Double, nullable=False),
 )
 
 

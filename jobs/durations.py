@@ -24,3 +24,20 @@ def parse_duration(text: str) -> float:
     if not seconds >= 0 or seconds == float("inf"):
         raise ValueError(f"{text!r} is not a duration: give a positive number of seconds")
     return seconds
+
+
+# fal_client's names for upload lifetimes besides plain durations ("immediate" is about a
+# minute: the CDN reads 0 as "no expiry").
+_NAMED_LIFETIMES: dict[str, int | None] = {"never": None, "immediate": 60}
+
+
+def parse_lifetime(text: str) -> int | None:
+    """Whole seconds in an upload lifetime (``JOBS_UPLOAD_TTL``): a duration, ``immediate``,
+    or ``never`` (None); raises ``ValueError`` with a one-line reason."""
+    value = text.strip().lower()
+    if value in _NAMED_LIFETIMES:
+        return _NAMED_LIFETIMES[value]
+    seconds = int(parse_duration(value))
+    if seconds <= 0:
+        raise ValueError(f"{text!r} is not a lifetime: give at least one second, or 'never'")
+    return seconds

@@ -5,6 +5,7 @@ they call for different actions: fix the input, or wait and retry.
 
     JobsError
     ├── ConfigError                 missing FAL_KEY, an unusable database URL, bad settings
+    │   └── UploadError             a file to upload is missing, unreadable or too large
     ├── JobNotFound                 no job with that id, prefix, request_id or idempotency key
     ├── AmbiguousJobRef             a prefix that names more than one job
     ├── NotRetryable                retry asked for a job that cannot be sent again
@@ -91,6 +92,10 @@ class CancelTooLate(JobsError):
         super().__init__(f"job {job_id} is already {state}; too late to cancel")
         self.job_id = job_id
         self.state = state
+
+
+class UploadError(ConfigError):
+    """A file cannot be uploaded as given (nothing was sent or recorded)."""
 
 
 class IdempotencyConflict(JobsError):

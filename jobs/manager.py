@@ -38,6 +38,7 @@ from .errors import (
     JobFailed,
     JobNotFinished,
     JobNotFound,
+    JobsError,
     NotRetryable,
     ProviderError,
     ProviderRejected,
@@ -45,6 +46,7 @@ from .errors import (
     WaitTimeout,
 )
 from .events import Completed, InProgress, Queued, Status
+from .handles import AsyncJobHandle, SyncJobHandle
 from .metrics import (
     AMBIGUOUS_DECISIONS,
     DUPLICATE_REQUESTS,
@@ -75,7 +77,9 @@ from .writer import GroupWriter
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+    from .providers.fal_stream import FalStream
     from .results import FileCache, GcReport
+    from .uploads import Uploaded, Uploader
 
 T = TypeVar("T")
 AmbiguousDecision = Literal["resubmit", "fail", "wait"]
@@ -153,6 +157,8 @@ class AsyncJobManager:
             raise ConfigError(f"owner {self.owner[:80]!r} is longer than {longest} characters")
         self.writer = GroupWriter(store)
         self._files: FileCache | None = None
+        self._uploader: Uploader | None = None
+        self._stream: FalStream | None = None
 
     # --- providers -----------------------------------------------------------------------
 
@@ -181,9 +187,30 @@ class AsyncJobManager:
             )
         return self._files
 
+    @property
+    def uploader(self) -> Uploader:
+        """Uploads to fal's CDN, recorded in the store (see :mod:`jobs.uploads`)."""
+        if self._uploader is None:
+            from .providers import create_cdn
+            from .uploads import Uploader
+
+            self._uploader = Uploader(
+                self.store,
+                create_cdn(self.settings),
+                ttl=self.settings.upload_ttl,
+                max_bytes=self.settings.upload_max_bytes,
+            )
+        return self._uploader
+
     async def aclose(self) -> None:
         if self._files is not None:
             await self._files.aclose()
+        if self._uploader is not None:
+            await self._uploader.close()
+            self._uploader = None
+        if self._stream is not None:
+            await self._stream.close()
+            self._stream = None
         for provider in self._providers.values():
             await provider.close()
         self._providers.clear()
@@ -214,10 +241,13 @@ class AsyncJobManager:
         idempotency_key: str | None = None,
         webhook: bool = True,
         download: bool | None = None,
+        start_timeout: float | None = None,
         max_rate_wait: float | None = None,
-    ) -> Job:
+    ) -> AsyncJobHandle:
         """Record the job, then send it. With an ``idempotency_key`` already used, return that
         job and send nothing (unless it provably never reached the queue: then send it now).
+        The job comes back as a handle: its fields, and fal_client's ``status``,
+        ``iter_events``, ``get`` and ``cancel`` (see :mod:`jobs.handles`).
         ``max_rate_wait``: see :meth:`send`."""
         new = self.new_job(
             application,
@@ -231,11 +261,12 @@ class AsyncJobManager:
             idempotency_key=idempotency_key,
             webhook=webhook,
             download=download,
+            start_timeout=start_timeout,
         )
         job, created = await self._db(self.store.create_job, new)
         if not _needs_send(job, created):
-            return job
-        return await self.send(job, max_rate_wait=max_rate_wait)
+            return AsyncJobHandle.of(job, self)
+        return AsyncJobHandle.of(await self.send(job, max_rate_wait=max_rate_wait), self)
 
     def new_job(
         self,
@@ -251,12 +282,18 @@ class AsyncJobManager:
         idempotency_key: str | None = None,
         webhook: bool = True,
         download: bool | None = None,
+        start_timeout: float | None = None,
     ) -> NewJob:
         """The row :meth:`submit` records, once the provider has checked the request
         (``ConfigError`` for one that cannot be sent: no credentials, a bad application id)."""
         provider = self.provider("fal")
         request = SubmitRequest(
-            application=application, arguments=arguments, path=path, priority=priority, hint=hint
+            application=application,
+            arguments=arguments,
+            path=path,
+            priority=priority,
+            hint=hint,
+            start_timeout=start_timeout,
         )
         provider.check(request)
         return NewJob(
@@ -272,6 +309,7 @@ class AsyncJobManager:
             idempotency_key=idempotency_key,
             webhook=webhook and self.settings.public_url is not None,
             download_files=self.settings.cache_files if download is None else download,
+            start_timeout=start_timeout,
         )
 
     async def record_many(self, jobs: Sequence[NewJob]) -> list[tuple[Job, bool]]:
@@ -331,6 +369,7 @@ class AsyncJobManager:
             priority=job.priority,
             hint=job.hint,
             webhook_url=self._webhook_url(job, attempt) if job.webhook else None,
+            start_timeout=job.start_timeout,
         )
         try:
             submitted = await provider.submit(request)
@@ -520,6 +559,7 @@ class AsyncJobManager:
             batch_index=old.batch_index,
             idempotency_key=f"retry:{old.id}",
             download=old.download_files,
+            start_timeout=old.start_timeout,
         )
         new = dataclasses.replace(new, retry_of=old.id)
         job, created = await self._db(self.store.create_retry, old, new)
@@ -533,6 +573,34 @@ class AsyncJobManager:
         cancelled job)."""
         jobs = await self._db(self.store.retryable, batch, reasons=reasons)
         return [await self.retry(job.id) for job in jobs]
+
+    # --- uploads ---------------------------------------------------------------------------
+
+    async def upload(
+        self, data: str | bytes, content_type: str, file_name: str | None = None
+    ) -> Uploaded:
+        """Upload bytes to fal's CDN once: the same bytes again return the same URL
+        (``str()`` of the result) and send nothing."""
+        return await self.uploader.upload(data, content_type, file_name)
+
+    async def upload_file(
+        self, path: str | os.PathLike[str], *, content_type: str | None = None
+    ) -> Uploaded:
+        """Upload a file, or a folder zipped deterministically, once (resumable above
+        100 MiB). Raises ``UploadError`` for a missing, unreadable or too large file."""
+        return await self.uploader.upload_file(path, content_type=content_type)
+
+    async def upload_image(self, image: Any, format: str = "jpeg") -> Uploaded:
+        """Upload a Pillow image as ``image/<format>``, once."""
+        return await self.uploader.upload_image(image, format)
+
+    async def upload_inputs(
+        self, arguments: Mapping[str, Any], files: Sequence[tuple[str, str | os.PathLike[str]]]
+    ) -> tuple[dict[str, Any], list[Uploaded]]:
+        """``arguments`` with each ``(dotted key, path)`` of ``files`` set to the path's URL,
+        uploading or reusing it (``jobsctl submit|run --file KEY=PATH``). Every path is
+        checked before the first upload; nothing is submitted here."""
+        return await self.uploader.upload_inputs(arguments, files)
 
     # --- status, polling and applying ----------------------------------------------------
 
@@ -791,21 +859,34 @@ class AsyncJobManager:
         self, ref: str, *, with_logs: bool = True, timeout: float | None = None
     ) -> AsyncIterator[Status]:
         """Yield ``Queued`` / ``InProgress`` / ``Completed`` as the job moves, like
-        ``fal_client``'s ``iter_events``; ends after ``Completed``."""
+        ``fal_client``'s ``iter_events``; ends after ``Completed``. As with fal's ``logs=1``,
+        each event's ``logs`` holds every line so far, not only the new ones."""
         last: Status | None = None
         logs_seen = 0
+        logs: list[dict[str, Any]] = []
         async for job in self.watch(ref, timeout=timeout):
-            new_logs: list[dict[str, Any]] | None = None
+            new_lines = False
             if with_logs:
                 lines = await self._db(self.store.logs, job.id, after=logs_seen)
                 if lines:
                     logs_seen = lines[-1][0]
-                new_logs = [dict(entry) for _, entry in lines]
-            event = _status_of(job, new_logs)
-            if event is None or (event == last and not new_logs):
+                    logs.extend(dict(entry) for _, entry in lines)
+                    new_lines = True
+            event = _status_of(job, list(logs) if with_logs else None)
+            if event is None or (event == last and not new_lines):
                 continue
             last = event
             yield event
+
+    async def current_status(self, ref: str, *, with_logs: bool = False) -> Status:
+        """The job's status now, as fal_client's ``status(with_logs=)`` gives it (logs: every
+        line so far). Polls the provider first when the job is due and nobody else polls."""
+        job = await self.status(ref, refresh=True)
+        logs = None
+        if with_logs:
+            logs = [dict(entry) for _, entry in await self._db(self.store.logs, job.id)]
+        event = _status_of(job, logs)
+        return event if event is not None else Queued(position=None)
 
     async def iter_logs(
         self, ref: str, *, follow: bool = False, timeout: float | None = None
@@ -837,6 +918,7 @@ class AsyncJobManager:
         """Submit and wait for the result, calling ``on_enqueue(request_id)`` and
         ``on_queue_update(status)`` like ``fal_client.subscribe``. Durable: pass ``job_id``
         (or an ``idempotency_key``) to resume an interrupted call without submitting again."""
+        job: Job
         if job_id is None:
             job = await self.submit(application, arguments or {}, **submit_options)
         else:
@@ -847,6 +929,94 @@ class AsyncJobManager:
             if on_queue_update is not None:
                 await _maybe_await(on_queue_update(event))
         return await self.result(job.id)
+
+    async def run(
+        self,
+        application: str,
+        arguments: Mapping[str, Any],
+        *,
+        timeout: float | None = None,
+        **submit_options: Any,
+    ) -> Any:
+        """Submit through the queue and wait for the result (fal_client's ``run`` calls the
+        direct host instead: nothing would be kept). Re-run with the same
+        ``idempotency_key`` after an interruption, and the job is resumed, not paid twice."""
+        job = await self.submit(application, arguments, **submit_options)
+        return await self.result(job.id, wait=True, timeout=timeout)
+
+    async def get_handle(self, application: str, request_id: str) -> AsyncJobHandle:
+        """A handle on a request by its id: ours, or one made elsewhere (adopted, as
+        :meth:`track` does)."""
+        job = await self.track(application, request_id)
+        return AsyncJobHandle.of(job, self)
+
+    async def stream(
+        self,
+        application: str,
+        arguments: Mapping[str, Any],
+        *,
+        path: str = "/stream",
+        timeout: float | None = None,
+        labels: Mapping[str, str] | None = None,
+        batch: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Yield each event of fal's streaming endpoint as fal_client's ``stream`` does, and
+        record the call as a job: each event is a job event, the last one its result. A
+        stream that breaks (or is abandoned) leaves the job failed; fal keeps nothing of a
+        stream, so it cannot be resumed."""
+        if self._stream is None:
+            from .providers import create_stream
+
+            self._stream = create_stream(self.settings)
+        streamer = self._stream
+        streamer.check(application, arguments, path)
+        new = NewJob(
+            application=application,
+            arguments=dict(arguments),
+            provider="fal",
+            path=path,
+            labels=dict(labels or {}),
+            batch=batch,
+            idempotency_key=idempotency_key,
+        )
+        job, created = await self._db(self.store.create_job, new)
+        if not created:
+            raise JobsError(
+                f"idempotency key {idempotency_key!r} already names job {job.id}; "
+                "a stream cannot be replayed (`jobsctl show` has its events)"
+            )
+        started = Observation(state=State.IN_PROGRESS, source="stream")
+        await self._db(self.store.apply, job.id, started)
+        last: dict[str, Any] | None = None
+        outcome: Observation | None = None
+        try:
+            async for event in streamer.events(application, arguments, path=path, timeout=timeout):
+                await self._db(self.store.record_event, job.id, "stream_event", detail=event)
+                last = event
+                yield event
+            outcome = Observation(state=State.SUCCEEDED, result=last, source="stream")
+        except ProviderError as exc:
+            outcome = Observation(
+                state=State.FAILED,
+                error=_error_of(exc),
+                failure_reason=FailureReason.REMOTE_ERROR,
+                source="stream",
+            )
+            raise
+        finally:
+            if outcome is None:
+                error = {
+                    "type": "stream_abandoned",
+                    "message": "the stream was not read to its end",
+                }
+                outcome = Observation(
+                    state=State.FAILED,
+                    error=error,
+                    failure_reason=FailureReason.REMOTE_ERROR,
+                    source="stream",
+                )
+            await asyncio.shield(self._db(self.store.apply, job.id, outcome))
 
     async def cancel(
         self, ref: str, *, wait: float = 10.0, max_rate_wait: float | None = None
@@ -942,11 +1112,17 @@ class _Portal:
         async def step() -> T:
             return await agen.__anext__()
 
-        while True:
-            try:
-                yield self.call(step())
-            except StopAsyncIteration:
-                return
+        try:
+            while True:
+                try:
+                    yield self.call(step())
+                except StopAsyncIteration:
+                    return
+        finally:
+            # a caller that stops early closes the async generator too (its finally runs)
+            aclose = getattr(agen, "aclose", None)
+            if aclose is not None:
+                self.call(aclose())
 
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -965,6 +1141,35 @@ class JobManager:
     def store(self) -> Store:
         return self._async.store
 
+    @property
+    def async_manager(self) -> AsyncJobManager:
+        """The :class:`AsyncJobManager` behind this one. It lives on this manager's private
+        event loop: from another loop, run its coroutines through :meth:`bridge`."""
+        return self._async
+
+    async def bridge(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Await, from any event loop, a coroutine of :attr:`async_manager` run on its own
+        loop (its HTTP clients belong to that loop, which outlives ``asyncio.run`` calls)."""
+        future = asyncio.run_coroutine_threadsafe(coro, self._portal.loop)
+        return await asyncio.wrap_future(future)
+
+    async def bridge_iter(self, agen: AsyncIterator[T]) -> AsyncIterator[T]:
+        """:meth:`bridge` for an async iterator of :attr:`async_manager`."""
+
+        async def step() -> T:
+            return await agen.__anext__()
+
+        try:
+            while True:
+                try:
+                    yield await self.bridge(step())
+                except StopAsyncIteration:
+                    return
+        finally:
+            aclose = getattr(agen, "aclose", None)
+            if aclose is not None:
+                await self.bridge(aclose())
+
     def close(self) -> None:
         self._portal.call(self._async.aclose())
         self._portal.close()
@@ -976,8 +1181,26 @@ class JobManager:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def submit(self, application: str, arguments: Mapping[str, Any], **options: Any) -> Job:
-        return self._portal.call(self._async.submit(application, arguments, **options))
+    def submit(
+        self, application: str, arguments: Mapping[str, Any], **options: Any
+    ) -> SyncJobHandle:
+        job = self._portal.call(self._async.submit(application, arguments, **options))
+        return SyncJobHandle.of(job, self)
+
+    def current_status(self, ref: str, *, with_logs: bool = False) -> Status:
+        return self._portal.call(self._async.current_status(ref, with_logs=with_logs))
+
+    def run(self, application: str, arguments: Mapping[str, Any], **options: Any) -> Any:
+        return self._portal.call(self._async.run(application, arguments, **options))
+
+    def get_handle(self, application: str, request_id: str) -> SyncJobHandle:
+        job = self._portal.call(self._async.get_handle(application, request_id))
+        return SyncJobHandle.of(job, self)
+
+    def stream(
+        self, application: str, arguments: Mapping[str, Any], **options: Any
+    ) -> Iterator[dict[str, Any]]:
+        return self._portal.iterate(self._async.stream(application, arguments, **options))
 
     def status(self, ref: str) -> Job:
         return self._portal.call(self._async.status(ref))
@@ -1001,3 +1224,16 @@ class JobManager:
         self, application: str, arguments: Mapping[str, Any] | None = None, **options: Any
     ) -> Any:
         return self._portal.call(self._async.subscribe(application, arguments, **options))
+
+    def upload(
+        self, data: str | bytes, content_type: str, file_name: str | None = None
+    ) -> Uploaded:
+        return self._portal.call(self._async.upload(data, content_type, file_name))
+
+    def upload_file(
+        self, path: str | os.PathLike[str], *, content_type: str | None = None
+    ) -> Uploaded:
+        return self._portal.call(self._async.upload_file(path, content_type=content_type))
+
+    def upload_image(self, image: Any, format: str = "jpeg") -> Uploaded:
+        return self._portal.call(self._async.upload_image(image, format))

@@ -38,7 +38,7 @@ import shutil
 import tempfile
 import time
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -62,7 +62,7 @@ PENDING = "pending"
 DOWNLOADED = "downloaded"
 FAILED = "failed"
 
-DEFAULT_CONCURRENCY = 8  # downloads at once, per process
+DEFAULT_CONCURRENCY = 16  # downloads at once, per process
 DEFAULT_ATTEMPTS = 3  # per file, for transient failures (transport errors, 408/429/5xx)
 MAX_REDIRECTS = 5
 CHUNK_BYTES = 64 * 1024
@@ -185,7 +185,9 @@ class FileCache:
         self._concurrency = concurrency
         self._slots = asyncio.Semaphore(concurrency)
         self._host_slots = host_slots
-        self._per_host: dict[str, asyncio.Semaphore] = {}
+        # Per host: its slots and how many downloads hold or await them (dropped at zero, so
+        # the map stays as small as the set of hosts in use).
+        self._per_host: dict[str, tuple[asyncio.Semaphore, int]] = {}
         self._background: dict[str, asyncio.Task[None]] = {}
 
     def path_for(self, sha256: str) -> Path:
@@ -251,14 +253,23 @@ class FileCache:
             return retry_failed
         return self.cached(file) is None
 
-    def _host_slot(self, url: str) -> asyncio.Semaphore:
+    @contextlib.asynccontextmanager
+    async def _host_slot(self, url: str) -> AsyncIterator[None]:
         try:
             host = httpx.URL(url).host
         except (httpx.InvalidURL, TypeError, ValueError):
             host = ""
-        if host not in self._per_host:
-            self._per_host[host] = asyncio.Semaphore(self._host_slots)
-        return self._per_host[host]
+        slots, users = self._per_host.get(host, (asyncio.Semaphore(self._host_slots), 0))
+        self._per_host[host] = (slots, users + 1)
+        try:
+            async with slots:
+                yield
+        finally:
+            slots, users = self._per_host[host]
+            if users == 1:
+                del self._per_host[host]
+            else:
+                self._per_host[host] = (slots, users - 1)
 
     async def _download_file(self, file: JobFile) -> None:
         # The host's slot first: a file waiting on a busy host holds no shared slot.

@@ -13,6 +13,7 @@ retried a bounded number of times.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import secrets
@@ -54,6 +55,8 @@ from .db import (
     jobs,
     provider_accounts,
     results,
+    upload_parts,
+    uploads,
 )
 from .errors import AmbiguousJobRef, ConfigError, IdempotencyConflict, JobNotFound
 from .providers.base import Observation, RemoteRef, Submitted
@@ -139,6 +142,7 @@ class Job:
     cancel_requested_at: float | None
     retry_of: str | None
     tracked: bool
+    start_timeout: float | None
 
     @classmethod
     def from_row(cls, row: Row[Any] | Mapping[str, Any]) -> Job:
@@ -230,6 +234,7 @@ class NewJob:
     webhook: bool = False
     download_files: bool = False
     retry_of: str | None = None
+    start_timeout: float | None = None
 
     def __post_init__(self) -> None:
         """Refuse (``ConfigError`` naming the field) a value its column cannot hold, before
@@ -552,6 +557,44 @@ class GcBatch:
     results: int
     result_bytes: int
     files: list[JobFile]
+
+
+@dataclass(frozen=True)
+class NewUpload:
+    """What :meth:`Store.begin_upload` / :meth:`Store.finish_upload` record of an upload."""
+
+    sha256: str
+    size: int
+    content_type: str
+    file_name: str | None
+    lifecycle_seconds: int | None
+    part_size: int | None = None
+    multipart_id: str | None = None
+    access_url: str | None = None
+
+
+@dataclass(frozen=True)
+class UploadRecord:
+    """One row of the ``uploads`` table."""
+
+    id: str
+    sha256: str
+    size: int
+    content_type: str
+    file_name: str | None
+    state: str
+    url: str | None
+    multipart_id: str | None
+    access_url: str | None
+    part_size: int | None
+    lifecycle_seconds: int | None
+    created_at: float
+    uploaded_at: float | None
+    expires_at: float | None
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> UploadRecord:
+        return cls(**{f.name: row._mapping[f.name] for f in dataclasses.fields(cls)})
 
 
 class Store:
@@ -1375,6 +1418,133 @@ class Store:
             found.update(self._tx(partial(_referenced, digests=chunk), write=False))
         return found
 
+    # --- uploads to the CDN (jobs/uploads.py) ---------------------------------------------
+
+    def find_upload(
+        self, sha256: str, content_type: str, *, alive_until: float
+    ) -> UploadRecord | None:
+        """The newest finished upload of these bytes whose URL lives past ``alive_until``."""
+        query = (
+            select(uploads)
+            .where(
+                uploads.c.sha256 == sha256,
+                uploads.c.content_type == content_type,
+                uploads.c.state == "uploaded",
+                or_(uploads.c.expires_at.is_(None), uploads.c.expires_at > alive_until),
+            )
+            .order_by(uploads.c.uploaded_at.desc())
+            .limit(1)
+        )
+        row = self._tx(lambda conn: conn.execute(query).first(), write=False)
+        return None if row is None else UploadRecord.from_row(row)
+
+    def find_partial_upload(
+        self, sha256: str, content_type: str, part_size: int
+    ) -> tuple[UploadRecord, dict[int, str]] | None:
+        """A multipart upload of these bytes left unfinished (a killed process), with the
+        etags of the parts already sent, so only the missing parts need sending."""
+
+        def tx(conn: Connection) -> tuple[UploadRecord, dict[int, str]] | None:
+            row = conn.execute(
+                select(uploads)
+                .where(
+                    uploads.c.sha256 == sha256,
+                    uploads.c.content_type == content_type,
+                    uploads.c.state == "uploading",
+                    uploads.c.part_size == part_size,
+                )
+                .order_by(uploads.c.created_at.desc())
+                .limit(1)
+            ).first()
+            if row is None:
+                return None
+            parts = conn.execute(
+                select(upload_parts.c.part_number, upload_parts.c.etag).where(
+                    upload_parts.c.upload_id == row.id
+                )
+            ).all()
+            return UploadRecord.from_row(row), {n: etag for n, etag in parts}
+
+        return self._tx(tx, write=False)
+
+    def begin_upload(self, new: NewUpload, *, now: float | None = None) -> UploadRecord:
+        """Record a multipart upload the CDN has opened (``multipart_id``), in ``uploading``."""
+        now = time.time() if now is None else now
+        values = {**dataclasses.asdict(new), "id": new_job_id(), "state": "uploading"}
+        values["created_at"] = now
+        row = self._tx(
+            lambda conn: conn.execute(insert(uploads).values(values).returning(*uploads.c)).one()
+        )
+        return UploadRecord.from_row(row)
+
+    def record_part(
+        self, upload_id: str, part_number: int, etag: str, size: int, *, now: float | None = None
+    ) -> None:
+        """One part reached the CDN (a repeat of the same part overwrites nothing)."""
+        now = time.time() if now is None else now
+
+        def tx(conn: Connection) -> None:
+            have = conn.execute(
+                select(upload_parts.c.etag).where(
+                    upload_parts.c.upload_id == upload_id,
+                    upload_parts.c.part_number == part_number,
+                )
+            ).first()
+            if have is None:
+                conn.execute(
+                    insert(upload_parts).values(
+                        upload_id=upload_id, part_number=part_number, etag=etag, size=size, at=now
+                    )
+                )
+
+        self._tx(tx)
+
+    def finish_upload(
+        self,
+        new: NewUpload,
+        *,
+        url: str,
+        expires_at: float | None,
+        upload_id: str | None = None,
+        now: float | None = None,
+    ) -> UploadRecord:
+        """Record a finished upload: the multipart row ``upload_id`` becomes ``uploaded``,
+        or (a single upload) a new row is written in ``uploaded``."""
+        now = time.time() if now is None else now
+        done = {"state": "uploaded", "url": url, "uploaded_at": now, "expires_at": expires_at}
+
+        def tx(conn: Connection) -> Row[Any]:
+            if upload_id is not None:
+                return conn.execute(
+                    update(uploads)
+                    .where(uploads.c.id == upload_id)
+                    .values(done)
+                    .returning(*uploads.c)
+                ).one()
+            values = {**dataclasses.asdict(new), **done, "id": new_job_id(), "created_at": now}
+            return conn.execute(insert(uploads).values(values).returning(*uploads.c)).one()
+
+        return UploadRecord.from_row(self._tx(tx))
+
+    def abandon_upload(self, upload_id: str) -> None:
+        """The CDN no longer knows this multipart upload: never resume it."""
+        self._tx(
+            lambda conn: conn.execute(
+                update(uploads)
+                .where(uploads.c.id == upload_id, uploads.c.state == "uploading")
+                .values(state="abandoned")
+            )
+        )
+
+    def list_uploads(self, *, limit: int = 100) -> list[UploadRecord]:
+        rows = self._tx(
+            lambda conn: conn.execute(
+                select(uploads).order_by(uploads.c.created_at.desc()).limit(limit)
+            ).all(),
+            write=False,
+        )
+        return [UploadRecord.from_row(r) for r in rows]
+
 
 # --- statement helpers, used inside transactions ------------------------------------------
 
@@ -1583,6 +1753,7 @@ def _new_job_values(new: NewJob, job_id: str, now: float) -> dict[str, Any]:
         "webhook": new.webhook,
         "download_files": new.download_files,
         "retry_of": new.retry_of,
+        "start_timeout": new.start_timeout,
         "attempts": 0,
         "polls": 0,
         "created_at": now,

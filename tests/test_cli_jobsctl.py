@@ -31,11 +31,13 @@ def fal() -> Iterator[FakeFalServer]:
 @pytest.fixture
 def env(tmp_path: Path, fal: FakeFalServer) -> dict[str, str]:
     fal.fake.stats.reset()
+    fal.fake.update_config({"cdn_refuse_status": 0})
     keep = {k: v for k, v in os.environ.items() if not k.startswith(("JOBS_", "FAL_"))}
     return {
         **keep,
         "JOBS_DATABASE_URL": f"sqlite:///{tmp_path}/jobs.db",
         "JOBS_FAL_QUEUE_URL": fal.url,
+        "JOBS_FAL_REST_URL": fal.url,
         "JOBS_CACHE_DIR": str(tmp_path / "cache"),
         "JOBS_CACHE_ALLOW_HOSTS": "127.0.0.1",  # the emulator serves the result files
         "FAL_KEY": "cli-test-key",
@@ -410,3 +412,105 @@ def test_every_help_has_an_example_and_its_environment(command: str) -> None:
     assert done.returncode == 0
     assert "Examples:" in done.stdout and "Environment:" in done.stdout
     assert "jobsctl " in done.stdout and "Replicate" not in done.stdout
+
+
+def test_a_reused_key_with_another_input_is_a_one_line_error(
+    env: dict[str, str], fal: FakeFalServer
+) -> None:
+    ok(env, "submit", APP, "--input", '{"prompt": "one"}', "--idempotency-key", "k-reused")
+    sends = fal.fake.stats.submits
+    other = jobsctl(
+        env, "submit", APP, "--input", '{"prompt": "two"}', "--idempotency-key", "k-reused"
+    )
+    assert other.returncode == 2 and "already names job" in one_line_error(other)
+    assert fal.fake.stats.submits == sends and len(rows(env)) == 1
+
+
+# --- uploads --------------------------------------------------------------------------------
+
+
+def test_upload_once_then_reuse_files_and_folders(
+    env: dict[str, str], fal: FakeFalServer, tmp_path: Path
+) -> None:
+    (tmp_path / "cat.png").write_bytes(b"\x89PNG fake cat")
+    first = ok(env, "upload", str(tmp_path / "cat.png"))
+    assert set(first) == {"url", "sha256", "size", "content_type", "reused"}
+    assert first["reused"] is False and first["content_type"] == "image/png"
+    sent = fal.fake.stats.cdn_uploads
+    again = ok(env, "upload", str(tmp_path / "cat.png"))
+    assert again["reused"] is True and again["url"] == first["url"]
+    assert fal.fake.stats.cdn_uploads == sent
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for n in range(3):
+        (photos / f"{n}.jpg").write_bytes(bytes([n]) * 100)
+    folder = ok(env, "upload", str(photos))
+    assert folder["content_type"] == "application/zip" and folder["reused"] is False
+    (photos / "0.jpg").touch()  # a new mtime: the zip is the same bytes
+    assert ok(env, "upload", str(photos))["sha256"] == folder["sha256"]
+
+
+def test_upload_bad_input_is_one_line_and_records_nothing(
+    env: dict[str, str], fal: FakeFalServer, tmp_path: Path
+) -> None:
+    missing = jobsctl(env, "upload", str(tmp_path / "nope.zip"))
+    assert missing.returncode == 2 and "nope.zip" in one_line_error(missing)
+    (tmp_path / "f.bin").write_bytes(b"x")
+    no_key = jobsctl(
+        {k: v for k, v in env.items() if k != "FAL_KEY"}, "upload", str(tmp_path / "f.bin")
+    )
+    assert no_key.returncode == 2 and "FAL_KEY" in one_line_error(no_key)
+    assert fal.fake.stats.cdn_tokens == 0
+    fal.fake.update_config({"cdn_refuse_status": 403})
+    refused = jobsctl(env, "upload", str(tmp_path / "f.bin"))
+    assert refused.returncode == 1, refused.stderr
+    one_line_error(refused)
+    fal.fake.update_config({"cdn_refuse_status": 0})
+    assert ok(env, "upload", str(tmp_path / "f.bin"))["reused"] is False  # nothing was recorded
+
+
+def test_file_option_sets_the_input_key_to_the_upload(
+    env: dict[str, str], fal: FakeFalServer, tmp_path: Path
+) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(b"a" * 10)
+    url = ok(env, "upload", str(photos))["url"]
+    job = ok(env, "submit", APP, "--input", '{"prompt": "p"}', "--file", f"data.images={photos}")
+    shown = ok(env, "show", job["id"])
+    assert fal.fake.get_request(job["request_id"]).input["data"] == {"images": url}
+    assert shown["job"]["state"] in ("queued", "in_progress", "succeeded")
+
+    ran = jobsctl(env, "run", APP, "--input", "{}", "--file", f"images_data_url={photos}")
+    assert ran.returncode == 0, ran.stderr
+
+    lines = tmp_path / "in.jsonl"
+    lines.write_text('{"prompt": "a"}\n{"prompt": "b", "data": 5}\n')
+    batch = jobsctl(
+        env, "submit", APP, "--inputs", str(lines), "--batch", "f", "--file", f"data.z={photos}"
+    )
+    assert batch.returncode == 1 and "line 2" in batch.stderr  # data is not an object there
+    (first,) = [json.loads(x) for x in batch.stdout.splitlines()]
+    assert fal.fake.get_request(first["request_id"]).input["data"] == {"z": url}
+
+
+@pytest.mark.parametrize(
+    ("file_option", "says"),
+    [("nokey", "KEY=PATH"), ("a..b=x", "KEY=PATH"), ("k=missing.zip", "missing.zip")],
+)
+def test_a_bad_file_option_creates_no_job(
+    env: dict[str, str], fal: FakeFalServer, tmp_path: Path, file_option: str, says: str
+) -> None:
+    for command in ("submit", "run"):
+        done = subprocess.run(
+            [*JOBSCTL, command, APP, "--input", "{}", "--file", file_option],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2 and says in one_line_error(done)
+    assert rows(env) == [] and fal.fake.stats.submit_attempts == 0
+    assert fal.fake.stats.cdn_uploads == 0

@@ -250,3 +250,4 @@ async def test_one_slow_host_does_not_hold_every_slot(store: Store, tmp_path: Pa
         rows = await asyncio.wait_for(fetching, timeout=10)
         await cache.aclose()
     assert [r.state for r in rows] == ["downloaded"] * 3
+    assert cache._per_host == {}  # hosts no longer in use are forgotten

@@ -9,7 +9,9 @@ makes httpx (which fal_client uses with ``trust_env``) trust it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import fal_client
@@ -35,6 +37,10 @@ def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeFalServer]:
         host = srv.url.removeprefix("https://")
         monkeypatch.setenv("FAL_QUEUE_RUN_HOST", host)  # documents intent; read at import
         monkeypatch.setattr(fal_client_module, "QUEUE_URL_FORMAT", f"https://{host}/")
+        # the other hosts fal_client talks to, all served by the emulator (fal_cdn, fal_run)
+        monkeypatch.setattr(fal_client_module, "RUN_URL_FORMAT", srv.run_url + "/")
+        monkeypatch.setattr(fal_client_module, "REST_URL", srv.url)
+        monkeypatch.setattr(fal_client_module, "CDN_URL", srv.url)
         yield srv
 
 
@@ -160,3 +166,77 @@ async def test_async_submit_status_cancel(
         await async_client.result(APP, handle.request_id)
     assert error.value.status_code == 499
     assert server.fake.stats.cancels == 1
+
+
+def test_sync_upload_single(server: FakeFalServer, sync_client: fal_client.SyncClient) -> None:
+    url = sync_client.upload(b"hello cdn", "text/plain", file_name="hello.txt")
+    stored = server.fake.cdn.file(url)
+    assert stored is not None and stored.content == b"hello cdn"
+    assert stored.content_type == "text/plain"
+    assert url.endswith("/hello.txt")
+    stats = server.fake.stats
+    assert (stats.cdn_tokens, stats.cdn_uploads, stats.cdn_multipart_initiated) == (1, 1, 0)
+    # the served file is what was sent
+    with fal_client_module.httpx.Client() as http:
+        assert http.get(url).content == b"hello cdn"
+
+
+def test_sync_upload_file_with_lifecycle(
+    tmp_path: Path, server: FakeFalServer, sync_client: fal_client.SyncClient
+) -> None:
+    path = tmp_path / "cat.png"
+    path.write_bytes(b"\x89PNG fake")
+    url = sync_client.upload_file(path, lifecycle=fal_client.StorageSettings(expires_in="1d"))
+    stored = server.fake.cdn.file(url)
+    assert stored is not None and stored.content_type == "image/png"
+    assert stored.lifecycle == {"expiration_duration_seconds": 86400}
+    # one token serves several uploads
+    sync_client.upload(b"again", "text/plain")
+    assert server.fake.stats.cdn_tokens == 1 and server.fake.stats.cdn_uploads == 2
+
+
+def test_sync_upload_file_multipart(
+    tmp_path: Path, server: FakeFalServer, sync_client: fal_client.SyncClient
+) -> None:
+    size = fal_client_module.MULTIPART_THRESHOLD + 1024  # just over 100 MiB: multipart
+    path = tmp_path / "big.bin"
+    block = bytes(range(256)) * 4096
+    with path.open("wb") as out:
+        written = 0
+        while written < size:
+            piece = block[: size - written]
+            out.write(piece)
+            written += len(piece)
+    url = sync_client.upload_file(path)
+    stored = server.fake.cdn.file(url)
+    assert stored is not None and len(stored.content) == size
+    assert stored.content == path.read_bytes()
+    stats = server.fake.stats
+    assert stats.cdn_multipart_initiated == 1 and stats.cdn_completes == 1
+    (parts,) = stats.cdn_parts.values()
+    assert sorted(parts) == list(range(1, 12)) and set(parts.values()) == {1}
+
+
+def test_sync_upload_refused(server: FakeFalServer, sync_client: fal_client.SyncClient) -> None:
+    server.fake.update_config({"cdn_refuse_status": 403})
+    with pytest.raises(fal_client.FalClientHTTPError) as error:
+        sync_client.upload(b"x", "text/plain", fallback_repository=[])
+    assert error.value.status_code == 403
+    assert server.fake.stats.cdn_uploads == 0
+
+
+def test_sync_stream(server: FakeFalServer, sync_client: fal_client.SyncClient) -> None:
+    events = list(sync_client.stream(APP, {"prompt": "streamed", "_fake": {"events": 4}}))
+    assert [e["step"] for e in events] == [1, 2, 3, 4]
+    assert events[-1] == {"partial": False, "step": 4, "of": 4, "prompt": "streamed"}
+    assert server.fake.stats.stream_runs == 1 and server.fake.stats.submits == 0
+
+
+async def test_async_upload_and_stream(
+    server: FakeFalServer, async_client: fal_client.AsyncClient
+) -> None:
+    url = await async_client.upload(json.dumps({"a": 1}), "application/json")
+    stored = server.fake.cdn.file(url)
+    assert stored is not None and json.loads(stored.content) == {"a": 1}
+    events = [e async for e in async_client.stream(APP, {"prompt": "a"})]
+    assert len(events) == 3 and events[-1]["partial"] is False

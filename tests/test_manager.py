@@ -4,6 +4,7 @@ track, events and durable subscribe."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -198,8 +199,11 @@ async def test_iter_events_like_fal_client(jm: AsyncJobManager) -> None:
     assert isinstance(events[0], Queued)
     assert isinstance(events[-1], Completed) and events[-1].state == "succeeded"
     assert any(isinstance(e, InProgress) for e in events)
-    logs = [line for e in events if isinstance(e, InProgress | Completed) for line in e.logs or []]
-    assert len(logs) == 3
+    # cumulative, as fal's logs=1: each event holds every line so far (the README idiom
+    # `event.logs[seen:]` then prints each line once)
+    with_logs = [e.logs or [] for e in events if isinstance(e, InProgress | Completed)]
+    assert [line["message"] for line in with_logs[-1]] == ["step 1/3", "step 2/3", "step 3/3"]
+    assert all(a == b[: len(a)] for a, b in itertools.pairwise(with_logs))
 
 
 async def test_subscribe_is_durable(jm: AsyncJobManager, fal: FakeFalServer) -> None:

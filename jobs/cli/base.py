@@ -166,7 +166,7 @@ def errors() -> Iterator[None]:
         fail(str(exc), EXIT_NOT_FINISHED)
     except (e.JobFailed, e.CancelTooLate, e.NotRetryable) as exc:
         fail(str(exc), EXIT_FAILED)
-    except (e.ConfigError, e.AmbiguousJobRef) as exc:
+    except (e.ConfigError, e.AmbiguousJobRef, e.IdempotencyConflict) as exc:
         fail(str(exc), EXIT_USAGE)
     except e.ProviderError as exc:
         fail(str(exc), EXIT_FAILED)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -15,6 +17,7 @@ from .base import (
     EXIT_FAILED,
     EXIT_USAGE,
     emit,
+    errors,
     fail,
     help_epilog,
     main,
@@ -34,8 +37,25 @@ if TYPE_CHECKING:
 JOB_COLUMNS = ("short_id", "state", "application", "batch", "request_id", "created_at")
 
 
+@dataclass(frozen=True)
+class OneSubmit:
+    """What the shared options of ``submit`` and ``run`` asked for."""
+
+    input: str | None
+    idempotency_key: str | None
+    options: dict[str, Any]  # the manager's submit keywords: path, priority, labels, ...
+    files: tuple[tuple[str, str], ...]  # --file KEY=PATH: (dotted key, path)
+
+    def arguments(self) -> dict[str, Any]:
+        """The parsed ``--input`` (exits 2 when missing or not a JSON object)."""
+        if self.input is None:
+            fail("give the model input with --input JSON (or @file, or - for stdin)", EXIT_USAGE)
+        return parse_input(self.input)
+
+
 def submit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """The options of one submit, shared by ``submit`` and ``run``."""
+    """The options of one submit, shared by ``submit`` and ``run``: the command receives
+    them as one :class:`OneSubmit` named ``one``."""
     options = [
         click.option(
             "--input", "input_", metavar="JSON|@FILE|-", help="The model input, a JSON object."
@@ -47,28 +67,47 @@ def submit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--idempotency-key", help="A second submit with the same key sends nothing."),
         click.option("--no-webhook", is_flag=True, help="Do not ask for a webhook."),
         click.option("--download", is_flag=True, default=None, help="Download result files."),
+        click.option(
+            "--file",
+            "files",
+            multiple=True,
+            metavar="KEY=PATH",
+            help="Upload PATH once (a folder as a zip) and set KEY (dotted: a.b) of the input "
+            "to its URL; repeatable.",
+        ),
     ]
+
+    @functools.wraps(fn)
+    def command(
+        *args: Any,
+        input_: str | None,
+        path: str | None,
+        priority: str | None,
+        hint: str | None,
+        labels: tuple[str, ...],
+        idempotency_key: str | None,
+        no_webhook: bool,
+        download: bool | None,
+        files: tuple[str, ...],
+        **kwargs: Any,
+    ) -> Any:
+        from ..uploads import parse_file_option
+
+        options = {
+            "path": path,
+            "priority": priority,
+            "hint": hint,
+            "labels": parse_labels(labels),
+            "webhook": not no_webhook,
+            "download": download,
+        }
+        with errors():
+            pairs = tuple(parse_file_option(text) for text in files)
+        return fn(*args, one=OneSubmit(input_, idempotency_key, options, pairs), **kwargs)
+
     for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-def _options(
-    path: str | None,
-    priority: str | None,
-    hint: str | None,
-    labels: tuple[str, ...],
-    no_webhook: bool,
-    download: bool | None,
-) -> dict[str, Any]:
-    return {
-        "path": path,
-        "priority": priority,
-        "hint": hint,
-        "labels": parse_labels(labels),
-        "webhook": not no_webhook,
-        "download": download,
-    }
+        command = option(command)
+    return command
 
 
 def explain_unsent(job: Job) -> None:
@@ -110,14 +149,7 @@ def explain_unsent(job: Job) -> None:
 @output_option
 def submit(
     application: str,
-    input_: str | None,
-    path: str | None,
-    priority: str | None,
-    hint: str | None,
-    labels: tuple[str, ...],
-    idempotency_key: str | None,
-    no_webhook: bool,
-    download: bool | None,
+    one: OneSubmit,
     inputs: str | None,
     batch: str | None,
     concurrency: int,
@@ -125,19 +157,19 @@ def submit(
 ) -> None:
     """Record and submit one job (--input), or one per line of a JSONL file (--inputs);
     prints each job. Re-running the same file and batch submits nothing twice."""
-    options = _options(path, priority, hint, labels, no_webhook, download)
     if inputs is not None:
-        if input_ is not None or idempotency_key is not None:
+        if one.input is not None or one.idempotency_key is not None:
             fail("--inputs takes neither --input nor --idempotency-key", EXIT_USAGE)
-        submit_inputs(application, inputs, batch, concurrency, options)
+        submit_inputs(application, inputs, batch, concurrency, one)
         return
-    if input_ is None:
-        fail("give the model input with --input JSON (or @file, or - for stdin)", EXIT_USAGE)
-    arguments = parse_input(input_)
+    arguments = one.arguments()
 
     async def action(manager: AsyncJobManager) -> Job:
+        nonlocal arguments
+        if one.files:
+            arguments, _ = await manager.upload_inputs(arguments, one.files)
         return await manager.submit(
-            application, arguments, batch=batch, idempotency_key=idempotency_key, **options
+            application, arguments, batch=batch, idempotency_key=one.idempotency_key, **one.options
         )
 
     job = run(action)
@@ -146,10 +178,11 @@ def submit(
 
 
 def submit_inputs(
-    application: str, inputs: str, batch: str | None, concurrency: int, options: dict[str, Any]
+    application: str, inputs: str, batch: str | None, concurrency: int, one: OneSubmit
 ) -> None:
     """``submit --inputs``: progress on stderr, one JSON line per job on stdout; exit 1 when
-    any line was not submitted (each named by its line number on stderr)."""
+    any line was not submitted (each named by its line number on stderr). ``--file`` paths
+    are uploaded once and set in every line."""
     from ..batch import LineResult, default_batch_name, progress_bar, read_lines
 
     if inputs == "-":
@@ -173,8 +206,13 @@ def submit_inputs(
     name = batch
 
     async def action(manager: AsyncJobManager) -> Any:
-        from ..batch import submit_batch
+        from ..batch import submit_batch, with_files
 
+        ready = lines
+        if one.files:
+            _, uploaded = await manager.upload_inputs({}, one.files)
+            urls = [(key, up.url) for (key, _), up in zip(one.files, uploaded, strict=True)]
+            ready = with_files(lines, urls)
         with progress_bar(f"submit {name}", total=len(lines)) as bar:
 
             def on_result(line: LineResult) -> None:
@@ -187,11 +225,11 @@ def submit_inputs(
             return await submit_batch(
                 manager,
                 application,
-                lines,
+                ready,
                 batch=name,
                 concurrency=concurrency,
                 on_result=on_result,
-                **options,
+                **one.options,
             )
 
     report = run(action)
@@ -217,14 +255,7 @@ def submit_inputs(
 @click.option("--progress/--no-progress", default=None, help="Progress on stderr [terminal].")
 def run_(
     application: str,
-    input_: str | None,
-    path: str | None,
-    priority: str | None,
-    hint: str | None,
-    labels: tuple[str, ...],
-    idempotency_key: str | None,
-    no_webhook: bool,
-    download: bool | None,
+    one: OneSubmit,
     batch: str | None,
     timeout: float | None,
     progress: bool | None,
@@ -234,14 +265,14 @@ def run_(
     resumes it)."""
     from .progress import wait_for
 
-    if input_ is None:
-        fail("give the model input with --input JSON (or @file, or - for stdin)", EXIT_USAGE)
-    arguments = parse_input(input_)
-    options = _options(path, priority, hint, labels, no_webhook, download)
+    arguments = one.arguments()
 
     async def action(manager: AsyncJobManager) -> Any:
+        nonlocal arguments
+        if one.files:
+            arguments, _ = await manager.upload_inputs(arguments, one.files)
         job = await manager.submit(
-            application, arguments, batch=batch, idempotency_key=idempotency_key, **options
+            application, arguments, batch=batch, idempotency_key=one.idempotency_key, **one.options
         )
         if job.state.value in ("failed", "submitting"):
             return job
@@ -332,5 +363,31 @@ def cancel(job: str, output: str | None) -> None:
 
     async def action(manager: AsyncJobManager) -> Job:
         return await manager.cancel(job)
+
+    show_one(run(action).to_dict(), output)
+
+
+@main.command(
+    epilog=help_epilog(
+        [
+            "jobsctl upload photos/          # a folder goes up as one deterministic zip",
+            "jobsctl upload cat.png --content-type image/png",
+            "jobsctl run fal-ai/flux-lora-fast-training --input '{}' \\\n"
+            "      --file images_data_url=photos/",
+        ],
+        f"{ENV_DB}, FAL_KEY, JOBS_FAL_REST_URL, JOBS_UPLOAD_TTL, JOBS_UPLOAD_MAX_BYTES",
+    )
+)
+@click.argument("path")
+@click.option("--content-type", help="The file's type [default: guessed from its name].")
+@output_option
+def upload(path: str, content_type: str | None, output: str | None) -> None:
+    """Upload a file (a folder is zipped deterministically) to fal's CDN once: the same bytes
+    again print the same URL and send nothing; a killed upload resumes. Prints {"url",
+    "sha256", "size", "content_type", "reused"} (exit 2 bad input, 1 refused)."""
+    from ..uploads import Uploaded
+
+    async def action(manager: AsyncJobManager) -> Uploaded:
+        return await manager.upload_file(path, content_type=content_type)
 
     show_one(run(action).to_dict(), output)

@@ -14,6 +14,8 @@ from ..errors import ConfigError
 if TYPE_CHECKING:
     from ..config import Settings
     from .base import Provider
+    from .fal_cdn import FalCdn
+    from .fal_stream import FalStream
 
 NAMES = ("fal",)
 
@@ -33,3 +35,34 @@ def create(
             gate=RateGate(on_wait=on_rate_wait),
         )
     raise ConfigError(f"unknown provider {name!r}; this version knows {', '.join(NAMES)}")
+
+
+def create_cdn(settings: Settings) -> FalCdn:
+    """fal's CDN client (uploads), configured from ``settings``."""
+    import httpx
+
+    from .fal_cdn import FalCdn
+    from .http import make_client
+
+    # A 100 MiB single upload or a 10 MiB part needs longer than a queue call.
+    timeout = httpx.Timeout(600.0, connect=10.0)
+    return FalCdn(
+        rest_url=settings.fal_rest_url,
+        key=settings.fal_key,
+        client=make_client(max_connections=32, timeout=timeout),
+    )
+
+
+def create_stream(settings: Settings) -> FalStream:
+    """fal's streaming endpoint client, configured from ``settings``."""
+    import httpx
+
+    from .fal_stream import FalStream
+    from .http import make_client
+
+    # no read timeout by default: a stream may pause for as long as its model thinks
+    return FalStream(
+        run_url=settings.fal_run_url,
+        key=settings.fal_key,
+        client=make_client(max_connections=16, timeout=httpx.Timeout(None, connect=10.0)),
+    )

@@ -33,6 +33,8 @@ class SubmitRequest:
     priority: str | None = None
     hint: str | None = None
     webhook_url: str | None = None
+    # fal: how long the request may wait to start (queue, runner, retries), in seconds
+    start_timeout: float | None = None
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from .signatures import FAL_USER_ID, verify_fal
 
 NAMESPACES = ("workflows", "comfy")
 PRIORITIES = ("normal", "low")
+MIN_START_TIMEOUT = 1.0
 _LEGACY_ID = re.compile(r"^(\d+)-([A-Za-z0-9_.-]+)$")
 _STATUS_CODE_IN_ERROR = re.compile(r"status code:?\s*(\d{3})", re.IGNORECASE)
 
@@ -107,6 +108,14 @@ def submit_headers(request: SubmitRequest) -> dict[str, str]:
         headers["X-Fal-Queue-Priority"] = request.priority
     if request.hint:
         headers["X-Fal-Runner-Hint"] = request.hint
+    if request.start_timeout is not None:
+        # fal_client refuses 1 s or less too; fal reads the value as decimal seconds
+        if not request.start_timeout > MIN_START_TIMEOUT or request.start_timeout == math.inf:
+            raise ConfigError(
+                f"start_timeout must be more than {MIN_START_TIMEOUT:g} second, "
+                f"not {request.start_timeout!r}"
+            )
+        headers["X-Fal-Request-Timeout"] = str(float(request.start_timeout))
     return headers
 
 

@@ -9,8 +9,13 @@ per-input ``_fake`` overrides and the fault semantics.
 
     with FakeFalServer(FakeFalConfig(duration=0.1, queue_time=0.05)) as server:
         ...  # point the code under test at server.url; read server.fake.stats
+
+One server stands in for every fal host: the queue (``server.url``), the REST host and CDN
+for uploads (``server.url`` too; see :mod:`jobs.testing.fal_cdn`, files in
+``server.fake.cdn``) and the direct host's ``/stream`` (``server.run_url``).
 """
 
+from jobs.testing.fal_cdn import FakeCdn, StoredFile
 from jobs.testing.fal_emulator import FakeFal
 from jobs.testing.fal_model import (
     FakeFalConfig,
@@ -24,12 +29,14 @@ from jobs.testing.fal_webhooks import webhook_payload
 from jobs.testing.server import FakeFalServer, run_fake_fal
 
 __all__ = [
+    "FakeCdn",
     "FakeFal",
     "FakeFalConfig",
     "FakeFalServer",
     "FakeFalStats",
     "FakeRequest",
     "RequestCounters",
+    "StoredFile",
     "expected_file_bytes",
     "input_hash",
     "run_fake_fal",

@@ -23,6 +23,8 @@ Endpoints (queue endpoints need ``Authorization: Key <config.key>`` when a key i
     GET  /{app}/requests/{id}                           result; 400 unfinished, 404 gone
     PUT  /{app}/requests/{id}/cancel                    202 / 400 ALREADY_COMPLETED / 404
     GET  /.well-known/jwks.json                         the webhook signing key
+    POST /storage/auth/token, /files/...                CDN token and uploads (fal_cdn.py)
+    POST /_run/{endpoint id}/stream                     the direct host's SSE (fal_run.py)
     GET  /_fake/stats[?per_request=0]  POST /_fake/reset  GET|POST /_fake/config
     GET  /_fake/requests/{id}  (debug view)  GET /_fake/files/{id}/{n}.png  (output bytes)
 
@@ -77,6 +79,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from jobs.providers.signatures import public_jwk
 from jobs.testing import _asgi
 from jobs.testing._asgi import Receive, Scope, Send, send_bytes, send_json
+from jobs.testing.fal_cdn import FakeCdn
 from jobs.testing.fal_control import handle_control
 from jobs.testing.fal_model import (
     COMPLETED,
@@ -90,6 +93,8 @@ from jobs.testing.fal_model import (
     parse_submit_path,
 )
 from jobs.testing.fal_queue import FakeQueue, Submission, parse_overrides
+from jobs.testing.fal_run import PREFIX as RUN_PREFIX
+from jobs.testing.fal_run import handle_run
 from jobs.testing.fal_webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
@@ -155,6 +160,7 @@ class FakeFal:
         self._webhooks = WebhookSender(
             lambda: self.config, self.stats, self.private_key, wall_clock
         )
+        self.cdn = FakeCdn(lambda: self.config, self.stats, wall_clock)
         self._loop_task: asyncio.Task[None] | None = None
 
     # --- in-process API -------------------------------------------------------------------
@@ -221,6 +227,11 @@ class FakeFal:
             try:
                 if path.startswith("/_fake/") or path.startswith("/.well-known/"):
                     await handle_control(self, scope, receive, send)
+                elif FakeCdn.handles(path):
+                    base = self.config.base_url or _base_url(scope, _asgi.header_map(scope))
+                    await self.cdn.handle(scope, receive, send, base)
+                elif path.startswith(RUN_PREFIX):
+                    await handle_run(scope, receive, send, self.config, self.stats)
                 else:
                     await self._queue_api(scope, receive, send)
             except _asgi.Disconnected:

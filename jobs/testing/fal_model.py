@@ -86,6 +86,11 @@ class FakeFalConfig:
     file_size: int = 2048
     base_url: str | None = None
     tick: float = 0.05
+    # CDN (fal_cdn.py): token lifetime, a status every upload is refused with (0: accept),
+    # and a delay per multipart part (so a test can kill an upload half-way).
+    cdn_token_ttl: float = 3600.0
+    cdn_refuse_status: int = 0
+    cdn_part_delay: float = 0.0
 
     def update(self, changes: Mapping[str, Any]) -> None:
         """Set fields from JSON-ish values, checking names and types; all or nothing."""
@@ -167,9 +172,19 @@ class FakeFalStats:
     webhook_attempts: int = 0
     webhook_successes: int = 0
     webhook_failures: int = 0
+    stream_runs: int = 0
+    cdn_tokens: int = 0
+    cdn_uploads: int = 0
+    cdn_multipart_initiated: int = 0
+    cdn_part_puts: int = 0
+    cdn_completes: int = 0
+    cdn_downloads: int = 0
+    cdn_bytes_received: int = 0
     faults: dict[str, int] = field(default_factory=dict)
     submits_by_input: dict[str, int] = field(default_factory=dict)
     requests: dict[str, RequestCounters] = field(default_factory=dict)
+    # multipart upload id -> part number -> how many PUTs of that part arrived
+    cdn_parts: dict[str, dict[int, int]] = field(default_factory=dict)
 
     def reset(self) -> None:
         """Zero everything in place, so references held by tests stay valid."""
@@ -188,7 +203,11 @@ class FakeFalStats:
         data: dict[str, Any] = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.name not in ("faults", "submits_by_input", "requests")
+            if f.name not in ("faults", "submits_by_input", "requests", "cdn_parts")
+        }
+        data["cdn_parts"] = {
+            upload: {str(n): count for n, count in dict(parts).items()}
+            for upload, parts in dict(self.cdn_parts).items()
         }
         data["faults"] = dict(self.faults)
         data["submits_by_input"] = dict(self.submits_by_input)
@@ -395,6 +414,9 @@ class FakeRequest:
         prompt = data.get("prompt")
         result: dict[str, Any] = {"images": images, "seed": seed, "prompt": prompt}
         result["input"] = self.input
+        audio = data.get("audio_url")
+        if isinstance(audio, str):  # speech-to-text endpoints answer a transcript
+            result["text"] = f"transcript of {audio[:64]}"
         if padding > 0:
             result["padding"] = "x" * padding
         return result

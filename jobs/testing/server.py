@@ -121,6 +121,11 @@ class FakeFalServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{scheme}://{host}:{self.port}"
 
+    @property
+    def run_url(self) -> str:
+        """The stand-in for fal's direct host (``JOBS_FAL_RUN_URL``): see ``fal_run.py``."""
+        return self.url + "/_run"
+
     def client_ssl_context(self) -> ssl_module.SSLContext:
         """An SSL context that trusts this server's certificate (for httpx ``verify=``)."""
         if self.ca is None:

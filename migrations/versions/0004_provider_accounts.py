@@ -1,7 +1,7 @@
 """provider accounts
 
-Revision ID: 0003_provider_accounts
-Revises: 0002_retry_track
+Revision ID: 0004_provider_accounts
+Revises: 0003_uploads
 
 The fal account webhooks must come from (jobs/db.py ``provider_accounts``): one row per
 provider, learned from the first callback for a request this store submitted.
@@ -13,8 +13,8 @@ import sqlalchemy as sa
 from alembic import op
 
 # revision identifiers, used by Alembic.
-revision: str = "0003_provider_accounts"
-down_revision: str | Sequence[str] | None = "0002_retry_track"
+revision: str = "0004_provider_accounts"
+down_revision: str | Sequence[str] | None = "0003_uploads"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
