@@ -63,6 +63,11 @@ WAIT_PERIOD = 0.25  # seconds between looks at the store while waiting
 EXPORT_CHUNK = 200  # jobs read, downloaded and written per step of an export
 RECORD_CHUNK = 64  # lines recorded per transaction while submitting (at least --concurrency)
 MAX_KEY = 255  # the idempotency_key column's width
+# Longest a run waits for lines another process is sending right now (several processes on
+# one file): longer than a send with its in-process settling takes; after it the server's
+# ambiguous-submit resolver owns them.
+SETTLE_WAIT = 120.0
+SETTLE_PERIOD = 0.25  # seconds between looks at those lines
 
 Outcome = Literal["submitted", "existing", "failed", "ambiguous", "invalid"]
 
@@ -212,20 +217,36 @@ async def submit_batch(
     just ahead of the senders; then each new job is sent on its own, exactly as
     ``manager.submit`` would. A run that stops leaves at most a chunk recorded but unsent:
     the next run (or ``jobs serve``) sends those. A ``ConfigError`` (no FAL_KEY, a bad
-    application id) stops the batch: it would fail every line the same way."""
+    application id) stops the batch: it would fail every line the same way.
+
+    Each send settles its own ambiguous submits before it returns (``manager.send``), so a
+    line ends submitted or failed. A line another process is sending at the same moment
+    (several runs of one file) is reported once that send is over (at most
+    ``SETTLE_WAIT`` seconds), as the job it became."""
     report = BatchReport(batch=batch, lines=len(lines))
     started = time.time()
     workers = max(1, concurrency)
     chunk = max(RECORD_CHUNK, workers)
     to_send: asyncio.Queue[tuple[int, Job] | None] = asyncio.Queue(maxsize=workers)
 
-    def done(result: LineResult) -> None:
+    # Lines another process is sending at this moment: reported once that send is over.
+    elsewhere: dict[int, Job] = {}
+
+    def report_line(result: LineResult) -> None:
         report.add(result)
         on_result(result)
 
+    def done(result: LineResult) -> None:
+        job = result.job
+        if job is not None and job.state is State.SUBMITTING and job.attempts > 0:
+            elsewhere[result.line] = job
+        else:
+            report_line(result)
+
     for line in lines:
         if line.error is not None:
-            done(LineResult(line.number, "invalid", error=f"line {line.number}: {line.error}"))
+            error = f"line {line.number}: {line.error}"
+            report_line(LineResult(line.number, "invalid", error=error))
     good = [line for line in lines if line.arguments is not None]
 
     async def record() -> None:
@@ -253,8 +274,27 @@ async def submit_batch(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+    for number, job in await _settle(manager, elsewhere):
+        report_line(_line_result(number, job, started))
     report.seconds = time.time() - started
     return report
+
+
+async def _settle(
+    manager: AsyncJobManager, lines: dict[int, Job], *, timeout: float = SETTLE_WAIT
+) -> list[tuple[int, Job]]:
+    """Wait (bounded) until no line of ``lines`` is being sent by another process, then
+    read them again: a line another run sent is that run's to report, not ambiguous here."""
+    if not lines:
+        return []
+    ids = [job.id for job in lines.values()]
+    since = time.time() - timeout
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not await asyncio.to_thread(manager.store.in_flight, ids, since=since):
+            break
+        await asyncio.sleep(SETTLE_PERIOD)
+    return [(number, await manager.status(job.id)) for number, job in lines.items()]
 
 
 def _new_job(
@@ -276,12 +316,14 @@ def _line_result(number: int, job: Job, started: float) -> LineResult:
     if job.state is State.FAILED and job.failure_reason in (
         "submit_rejected",
         "submit_unreachable",
+        "ambiguous_submit",
     ):
         message = (job.error or {}).get("message") or job.failure_reason
         return LineResult(number, "failed", job, f"line {number}: submit failed: {message}")
     if job.state is State.SUBMITTING:
-        # Either the submit may have reached the queue (``jobs serve`` resolves it) or it
-        # provably did not (the next run of the same command sends it).
+        # Either the submit may have reached the queue and a webhook may still name it
+        # (policy ``fail``: ``jobsctl serve`` resolves it) or it provably did not (the next
+        # run of the same command sends it).
         reason = "never sent; run the same command again" if job.attempts == 0 else "ambiguous"
         return LineResult(number, "ambiguous", job, f"line {number}: not confirmed ({reason})")
     sent_before = job.created_at < started and (job.submitted_at or 0.0) < started

@@ -25,6 +25,8 @@ DEFAULT_FAL_JWKS_URL = "https://rest.alpha.fal.ai/.well-known/jwks.json"
 DEFAULT_REPLICATE_API_URL = "https://api.replicate.com"
 DEFAULT_CACHE_MAX_FILE_BYTES = 512 * 1024 * 1024
 DEFAULT_CACHE_FILE_TIMEOUT = 600.0
+DEFAULT_MAX_SUBMIT_ATTEMPTS = 3
+DUPLICATE_POLICIES = ("keep", "cancel")
 DEFAULT_CACHE_HOST_SLOTS = 8  # half the shared slots: fal serves most files from one CDN host
 
 
@@ -139,6 +141,15 @@ class Settings:
     replicate_webhook_secret: Secret | None = None
     # What to do with a job whose submit may or may not have reached the provider.
     ambiguous_policy: str = "resubmit"
+    # Most submits that may have reached the provider, per job (ambiguous resubmits
+    # included); then the job fails as ``ambiguous_submit``.
+    max_submit_attempts: int = DEFAULT_MAX_SUBMIT_ATTEMPTS
+    # A second remote request found for one job: ``keep`` lets it run (recorded),
+    # ``cancel`` cancels it at the provider while it still runs.
+    duplicate_policy: str = "keep"
+    # The fal account's user id: webhooks from other accounts are never applied. Learned
+    # from the first callback for a request we submitted when not configured.
+    fal_user_id: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -149,6 +160,14 @@ class Settings:
         if self.ambiguous_policy not in {"resubmit", "fail"}:
             raise ConfigError(
                 f"JOBS_AMBIGUOUS_POLICY must be 'resubmit' or 'fail', not {self.ambiguous_policy!r}"
+            )
+        if self.duplicate_policy not in DUPLICATE_POLICIES:
+            raise ConfigError(
+                f"JOBS_DUPLICATE_POLICY must be 'keep' or 'cancel', not {self.duplicate_policy!r}"
+            )
+        if self.max_submit_attempts < 1:
+            raise ConfigError(
+                f"JOBS_MAX_SUBMIT_ATTEMPTS must be at least 1, not {self.max_submit_attempts}"
             )
         if self.sqlite_synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
             raise ConfigError(
@@ -218,6 +237,13 @@ class Settings:
             ).rstrip("/"),
             "replicate_webhook_secret": _secret(env.get("JOBS_REPLICATE_WEBHOOK_SECRET")),
             "ambiguous_policy": env.get("JOBS_AMBIGUOUS_POLICY") or "resubmit",
+            "max_submit_attempts": _number(
+                "JOBS_MAX_SUBMIT_ATTEMPTS",
+                env.get("JOBS_MAX_SUBMIT_ATTEMPTS") or str(DEFAULT_MAX_SUBMIT_ATTEMPTS),
+                int,
+            ),
+            "duplicate_policy": env.get("JOBS_DUPLICATE_POLICY") or "keep",
+            "fal_user_id": env.get("JOBS_FAL_USER_ID") or None,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -163,6 +163,17 @@ job_files = Table(
     Column("stored_at", Double, nullable=False),
 )
 
+# The provider account our webhooks must come from (fal signs every customer's callbacks
+# with the same keys): learned once from a callback for a request we submitted, shared by
+# every replica and kept across restarts.
+provider_accounts = Table(
+    "provider_accounts",
+    metadata,
+    Column("provider", String(16), primary_key=True),
+    Column("user_id", String(255), nullable=False),
+    Column("learned_at", Double, nullable=False),
+)
+
 UPLOAD_STATES = ["uploading", "uploaded", "abandoned"]
 
 # Files sent to fal's CDN, content-addressed: the same bytes (and content type) while the URL

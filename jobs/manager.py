@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import logging
 import os
 import random
 import secrets
@@ -27,7 +28,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .backoff import NextPoll, PollPolicy, next_poll
 from .config import Settings, decimal
@@ -48,7 +49,9 @@ from .errors import (
 from .events import Completed, InProgress, Queued, Status
 from .handles import AsyncJobHandle, SyncJobHandle
 from .metrics import (
+    AMBIGUOUS_DECISIONS,
     DETECTION_LAG,
+    DUPLICATE_REQUESTS,
     POLL_SECONDS,
     POLLS,
     POLLS_IN_FLIGHT,
@@ -64,7 +67,10 @@ from .store import (
     Applied,
     BatchProgress,
     BeginSubmit,
+    Callback,
     Change,
+    Delivered,
+    DuplicateRequest,
     Job,
     JobFile,
     MarkSubmitted,
@@ -83,6 +89,8 @@ if TYPE_CHECKING:
     from .uploads import Uploaded, Uploader
 
 T = TypeVar("T")
+AmbiguousDecision = Literal["resubmit", "fail", "wait"]
+log = logging.getLogger(__name__)
 
 WAIT_LEASE = 30.0  # seconds a waiting client holds a job while it polls it
 WATCH_PERIOD = 0.5  # how often a waiter re-reads the store when someone else polls
@@ -241,11 +249,13 @@ class AsyncJobManager:
         webhook: bool = True,
         download: bool | None = None,
         start_timeout: float | None = None,
+        max_rate_wait: float | None = None,
     ) -> AsyncJobHandle:
         """Record the job, then send it. With an ``idempotency_key`` already used, return that
         job and send nothing (unless it provably never reached the queue: then send it now).
         The job comes back as a handle: its fields, and fal_client's ``status``,
-        ``iter_events``, ``get`` and ``cancel`` (see :mod:`jobs.handles`)."""
+        ``iter_events``, ``get`` and ``cancel`` (see :mod:`jobs.handles`).
+        ``max_rate_wait``: see :meth:`send`."""
         new = self.new_job(
             application,
             arguments,
@@ -263,7 +273,7 @@ class AsyncJobManager:
         job, created = await self._db(self.store.create_job, new)
         if not _needs_send(job, created):
             return AsyncJobHandle.of(job, self)
-        return AsyncJobHandle.of(await self.send(job), self)
+        return AsyncJobHandle.of(await self.send(job, max_rate_wait=max_rate_wait), self)
 
     def new_job(
         self,
@@ -316,22 +326,56 @@ class AsyncJobManager:
         recorded = await self._db(self.store.create_jobs, jobs)
         return [(job, _needs_send(job, created)) for job, created in recorded]
 
-    async def send(self, job: Job, *, reason: str = "submit") -> Job:
+    async def send(
+        self, job: Job, *, reason: str = "submit", max_rate_wait: float | None = None
+    ) -> Job:
         """Send a ``submitting`` job to its provider and record the outcome.
 
         The attempt is counted (compare-and-set on ``attempts``) before the request leaves,
         so two processes never send the same attempt, and a crash leaves an ambiguous job.
+        An attempt that may have reached the queue without a request id coming back is
+        settled here, before returning (:meth:`_settle`): adopted when the provider names
+        the request, else decided by ``JOBS_AMBIGUOUS_POLICY`` within
+        ``JOBS_MAX_SUBMIT_ATTEMPTS``, resubmitting after the provider's retry backoff.
+
+        ``max_rate_wait``: when the provider's rate limit would hold the request longer than
+        this many seconds, nothing is sent: the job stays recorded (event
+        ``submit_deferred``) and the ambiguous-submit resolver of ``jobsctl serve`` sends it.
         """
         provider = self.provider(job.provider)
-        if not await self.writer.write(BeginSubmit(job.id, job.attempts, reason)):
+        if max_rate_wait is not None and (delay := provider.send_delay()) > max_rate_wait:
+            detail = {"seconds": round(delay, 1)}
+            await self._db(
+                self.store.record_event,
+                job.id,
+                "submit_deferred",
+                reason="rate_limited",
+                detail=detail,
+            )
             return await self._db(self.store.get, job.id)
+        while True:
+            after, unsure = await self._send_once(provider, job, reason)
+            if unsure is None:
+                return after
+            settled = await self._settle(provider, after, unsure)
+            if settled is not None:
+                return settled
+            job, reason = after, "ambiguous resubmit"
+
+    async def _send_once(
+        self, provider: Provider, job: Job, reason: str
+    ) -> tuple[Job, ProviderError | None]:
+        """One attempt; the error is returned when the attempt ended ambiguous."""
+        if not await self.writer.write(BeginSubmit(job.id, job.attempts, reason)):
+            return await self._db(self.store.get, job.id), None
+        attempt = job.attempts + 1
         request = SubmitRequest(
             application=job.application,
             arguments=job.arguments,
             path=job.path,
             priority=job.priority,
             hint=job.hint,
-            webhook_url=self._webhook_url(job) if job.webhook else None,
+            webhook_url=self._webhook_url(job, attempt) if job.webhook else None,
             start_timeout=job.start_timeout,
         )
         try:
@@ -341,23 +385,103 @@ class AsyncJobManager:
             SUBMITS.labels(job.provider, "rejected").inc()
             error = _error_of(exc)
             applied = await self._db(self.store.fail, job.id, FailureReason.SUBMIT_REJECTED, error)
-            return applied.job
+            return applied.job, None
         except ProviderError as exc:
             if isinstance(exc, ProviderUnavailable) and not exc.reached:
                 SUBMITS.labels(job.provider, "not_sent").inc()
-                return await self._not_sent(job, exc)
-            # The request may have reached the queue: ambiguous, resolved later by policy.
+                return await self._not_sent(job, exc), None
             SUBMITS.labels(job.provider, "ambiguous").inc()
             await self._db(
                 self.store.record_event,
                 job.id,
                 "submit_ambiguous",
                 reason=type(exc).__name__,
-                detail=_error_of(exc),
+                detail={**_error_of(exc), "attempt": attempt},
             )
-            return await self._db(self.store.get, job.id)
+            return await self._db(self.store.get, job.id), exc
         SUBMITS.labels(job.provider, "queued").inc()
-        return await self._submitted(job, submitted)
+        return await self._submitted(job, submitted), None
+
+    async def _settle(self, provider: Provider, job: Job, exc: ProviderError) -> Job | None:
+        """Settle an attempt that may have reached the queue; None means: send again.
+
+        A reply that named the request (fal's ``x-fal-request-id`` on an error) is checked
+        with a status poll: a request the provider knows is adopted, with no second send."""
+        if exc.request_id:
+            adopted = await self._probe(provider, job, exc.request_id)
+            if adopted is not None:
+                return adopted
+        decision = self.ambiguous_decision(job, self.settings.ambiguous_policy, waited=False)
+        if decision == "fail":
+            return (await self.fail_ambiguous(job)).job
+        if decision == "wait":
+            return job  # a webhook may still name the request; the resolver decides later
+        AMBIGUOUS_DECISIONS.labels("resubmit").inc()
+        await asyncio.sleep(provider.retry_delay(job.attempts))
+        fresh = await self._db(self.store.get, job.id)
+        if (
+            fresh.state is not State.SUBMITTING
+            or fresh.request_id
+            or fresh.attempts != job.attempts
+        ):
+            return fresh  # adopted by a webhook, cancelled, or taken over meanwhile
+        return None
+
+    async def _probe(self, provider: Provider, job: Job, request_id: str) -> Job | None:
+        ref = provider.ref_for(job.application, request_id)
+        try:
+            seen = await provider.status(ref, logs=False)
+        except ProviderError:
+            return None
+        if seen.failure_reason is FailureReason.RESULT_UNAVAILABLE:
+            return None  # the provider does not know it: never queued
+        AMBIGUOUS_DECISIONS.labels("poll").inc()
+        await self._db(
+            self.store.record_event,
+            job.id,
+            "ambiguous_resolved",
+            reason="poll",
+            detail={"request_id": request_id},
+        )
+        queued = Observation(state=State.QUEUED, source="submit")
+        return await self._submitted(job, Submitted(ref=ref, observation=queued))
+
+    def ambiguous_decision(self, job: Job, policy: str, *, waited: bool) -> AmbiguousDecision:
+        """What to do with a job whose last attempt may have reached the queue: ``fail``
+        once ``JOBS_MAX_SUBMIT_ATTEMPTS`` sends were made or under policy ``fail`` (a job
+        that asked for a webhook is first given the grace period, ``waited``, for the
+        webhook to name its request), else ``resubmit``."""
+        if job.attempts >= self.settings.max_submit_attempts:
+            return "fail"
+        if policy == "resubmit":
+            return "resubmit"
+        return "wait" if job.webhook and not waited else "fail"
+
+    async def fail_ambiguous(self, job: Job) -> Applied:
+        """End an ambiguous job as ``failed`` (``ambiguous_submit``), if still submitting."""
+        if job.attempts >= self.settings.max_submit_attempts:
+            why = (
+                f"JOBS_MAX_SUBMIT_ATTEMPTS={self.settings.max_submit_attempts} sends were "
+                "made and none was confirmed"
+            )
+        else:
+            why = "JOBS_AMBIGUOUS_POLICY=fail ends it rather than risk a second paid request"
+        error = {
+            "type": FailureReason.AMBIGUOUS_SUBMIT.value,
+            "message": f"the submit may have reached {job.provider}, but no request id came "
+            f"back; {why}",
+            "attempts": job.attempts,
+        }
+        applied = await self._db(
+            self.store.fail,
+            job.id,
+            FailureReason.AMBIGUOUS_SUBMIT,
+            error,
+            only_from=(State.SUBMITTING,),
+        )
+        if applied.changed:
+            AMBIGUOUS_DECISIONS.labels("fail").inc()
+        return applied
 
     async def _not_sent(self, job: Job, exc: ProviderUnavailable) -> Job:
         error = _error_of(exc)
@@ -370,10 +494,50 @@ class AsyncJobManager:
     async def _submitted(self, job: Job, submitted: Submitted) -> Job:
         step = self._next_poll(previous=None, changed=False, webhook=job.webhook)
         write = MarkSubmitted(job.id, submitted, time.time() + step.delay, step.interval)
-        return await self.writer.write(write)
+        after = await self.writer.write(write)
+        if after.request_id != submitted.ref.request_id:
+            # An earlier attempt's request was adopted first: this one is the surplus.
+            await self._surplus(DuplicateRequest(after, submitted.ref.request_id, active=True))
+        return after
 
-    def _webhook_url(self, job: Job) -> str:
-        return f"{self.settings.public_url}/v1/webhooks/{job.provider}?job={job.id}"
+    async def _surplus(self, duplicate: DuplicateRequest) -> None:
+        """A second remote request for one job (already recorded as an event): count it,
+        and with ``JOBS_DUPLICATE_POLICY=cancel`` cancel it while it may still run."""
+        job = duplicate.job
+        action = "kept"
+        if self.settings.duplicate_policy == "cancel" and duplicate.active:
+            provider = self.provider(job.provider)
+            ref = provider.ref_for(job.application, duplicate.request_id)
+            try:
+                accepted = await provider.cancel(ref)
+            except ProviderError as exc:
+                log.warning(
+                    "cancelling a duplicate remote request failed: %s",
+                    exc,
+                    extra={"job_id": job.id, "request_id": duplicate.request_id},
+                )
+            else:
+                action = "cancelled" if accepted else "kept"
+                await self._db(
+                    self.store.record_event,
+                    job.id,
+                    "duplicate_cancelled" if accepted else "duplicate_finished",
+                    detail={"request_id": duplicate.request_id},
+                )
+        DUPLICATE_REQUESTS.labels(job.provider, action).inc()
+        log.warning(
+            "duplicate remote request for one job (%s); kept %s",
+            action,
+            job.request_id,
+            extra={"job_id": job.id, "request_id": duplicate.request_id},
+        )
+
+    def _webhook_url(self, job: Job, attempt: int) -> str:
+        """The callback URL of one attempt: the job id lets a webhook settle an ambiguous
+        submit, the attempt number tells a late earlier attempt from the current one."""
+        return (
+            f"{self.settings.public_url}/v1/webhooks/{job.provider}?job={job.id}&attempt={attempt}"
+        )
 
     async def track(self, application: str, request_id: str, *, provider: str = "fal") -> Job:
         """Adopt a request submitted elsewhere (e.g. by fal_client) so it is tracked here.
@@ -545,7 +709,7 @@ class AsyncJobManager:
             step = self._next_poll(
                 previous=job.poll_interval,
                 changed=False,
-                webhook=job.webhook,
+                webhook=_safety_net(job),
                 retry_after=retry_after,
                 failed=True,
             )
@@ -575,7 +739,9 @@ class AsyncJobManager:
         changed = (
             observation.state is not job.state or observation.queue_position != job.queue_position
         )
-        step = self._next_poll(previous=job.poll_interval, changed=changed, webhook=job.webhook)
+        step = self._next_poll(
+            previous=job.poll_interval, changed=changed, webhook=_safety_net(job)
+        )
         return time.time() + (0.0 if observation.needs_result else step.delay), step.interval
 
     def _next_poll(
@@ -616,25 +782,41 @@ class AsyncJobManager:
         keys: list[Ed25519PublicKey],
         *,
         job_id: str | None = None,
+        attempt: int | None = None,
         now: float | None = None,
-    ) -> Applied | None:
-        """Verify a fal callback and apply it. Raises ``SignatureError``/``ValueError``;
-        returns None for a request we do not know (nothing is stored). ``job_id`` comes from
-        the callback URL: it resolves an ambiguous submit that never learned its request id."""
+    ) -> Delivered:
+        """Verify a fal callback and apply it. Raises ``SignatureError``/``ValueError``.
+
+        ``job_id`` and ``attempt`` come from the callback URL: they let a callback settle
+        an ambiguous submit that never learned its request id, or reveal a second remote
+        request for the job. Callbacks from another fal account (``X-Fal-Webhook-User-Id``
+        other than ``JOBS_FAL_USER_ID`` or the learned account) are never applied."""
         from .providers.fal import parse_webhook
 
         delivery = parse_webhook(
-            headers, body, keys, time.time() if now is None else now, job_id=job_id
+            headers,
+            body,
+            keys,
+            time.time() if now is None else now,
+            job_id=job_id,
+            attempt=attempt,
         )
-        change = Change(
+        callback = Callback(
             delivery.observation,
             request_id=delivery.request_id,
+            user_id=delivery.user_id,
             provider="fal",
-            adopt_job_id=delivery.job_id,
+            job_id=delivery.job_id,
+            attempt=delivery.attempt,
+            account=self.settings.fal_user_id,
             schedule=self._schedule,
         )
-        applied = await self.writer.write(change)
-        return None if applied is None else self._after_apply(applied)
+        delivered = await self.writer.write(callback)
+        if delivered.duplicate is not None:
+            await self._surplus(delivered.duplicate)
+        if delivered.applied is not None:
+            self._after_apply(delivered.applied)
+        return delivered
 
     # --- results and watching ------------------------------------------------------------
 
@@ -855,9 +1037,13 @@ class AsyncJobManager:
                 )
             await asyncio.shield(self._db(self.store.apply, job.id, outcome))
 
-    async def cancel(self, ref: str, *, wait: float = 10.0) -> Job:
+    async def cancel(
+        self, ref: str, *, wait: float = 10.0, max_rate_wait: float | None = None
+    ) -> Job:
         """Ask the provider to cancel; return the job once the outcome is known (or after
-        ``wait`` seconds). Raises :class:`CancelTooLate` when the job had already finished."""
+        ``wait`` seconds). Raises :class:`CancelTooLate` when the job had already finished,
+        and ``ProviderUnavailable`` (nothing asked, nothing recorded) when the provider's
+        rate limit would hold the cancel longer than ``max_rate_wait`` seconds."""
         job = await self.status(ref)
         if job.terminal:
             raise CancelTooLate(job.id, job.state.value)
@@ -866,7 +1052,15 @@ class AsyncJobManager:
             observation = Observation(state=State.CANCELLED, source="cancel")
             applied = await self._db(self.store.apply, job.id, observation)
             return applied.job
-        accepted = await self.provider(job.provider).cancel(job.ref())
+        provider = self.provider(job.provider)
+        if max_rate_wait is not None and (delay := provider.send_delay()) > max_rate_wait:
+            raise ProviderUnavailable(
+                f"{job.provider} is rate limiting requests for {delay:.0f} s more; "
+                "ask for the cancel again then",
+                retry_after=delay,
+                reached=False,
+            )
+        accepted = await provider.cancel(job.ref())
         await self._db(self.store.mark_cancel_requested, job.id)
         try:
             job = await self.wait(job.id, timeout=wait)
@@ -926,6 +1120,13 @@ def detection_lag(job: Job) -> float | None:
     if job.finished_at is None or job.started_at is None or not isinstance(run, int | float):
         return None
     return max(0.0, job.finished_at - (job.started_at + float(run)))
+
+
+def _safety_net(job: Job) -> bool:
+    """Whether polls are only the webhook's safety net (slow). Not after a cancel request:
+    fal sends no webhook for a cancelled request, so it is polled like a fresh job until
+    it ends."""
+    return job.webhook and job.cancel_requested_at is None
 
 
 def _needs_send(job: Job, created: bool) -> bool:

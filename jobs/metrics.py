@@ -83,7 +83,7 @@ RESULTS = Counter(
 WEBHOOKS = Counter(
     "jobs_webhooks",
     "Webhook deliveries by outcome (applied, duplicate, unknown, needs_poll, rejected, "
-    "malformed, too_large, unavailable).",
+    "malformed, too_large, unavailable, foreign).",
     ["provider", "outcome"],
     registry=REGISTRY,
 )
@@ -104,8 +104,17 @@ POLLER_ERRORS = Counter(
 )
 AMBIGUOUS_DECISIONS = Counter(
     "jobs_ambiguous_decisions",
-    "Submits resolved after the grace period, by decision (send, resubmit, fail, poll).",
+    "Ambiguous submits decided, by the sender or the resolver, by decision (send, "
+    "resubmit, fail, poll: adopted after a status poll named it).",
     ["decision"],
+    registry=REGISTRY,
+)
+
+DUPLICATE_REQUESTS = Counter(
+    "jobs_duplicate_requests",
+    "Second remote requests found for one job (an earlier ambiguous attempt that arrived), "
+    "by what was done (kept, cancelled).",
+    ["provider", "action"],
     registry=REGISTRY,
 )
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Literal
 
 from .logs import job_context
 from .metrics import AMBIGUOUS_DECISIONS, LEASE_TAKEOVERS, POLLER_ERRORS
-from .states import FailureReason, State
+from .states import State
 
 if TYPE_CHECKING:  # kept out of the import, so `jobs --help` can show the defaults cheaply
     from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -223,7 +223,12 @@ class Poller:
           reason ``never sent``);
         - ``attempts > 0``, no request id: the submit may have reached the queue. Policy
           ``resubmit`` sends again (``submit_sent``, reason ``ambiguous resubmit``: at least
-          once), policy ``fail`` ends the job (``failed``, reason ``ambiguous_submit``).
+          once), policy ``fail`` ends the job (``failed``, reason ``ambiguous_submit``), and
+          so does ``JOBS_MAX_SUBMIT_ATTEMPTS`` sends made.
+
+        A job whose last attempt is known to be over is decided without the grace period:
+        one that asked for no webhook (nothing can adopt it) and ended ambiguous, and one
+        whose send was deferred by a rate limit (``store.ambiguous``).
 
         A job that learned its request id from a webhook is not ambiguous: the adoption made
         it due, and the tick polls it.
@@ -263,30 +268,13 @@ class Poller:
         return decided
 
     async def _decide(self, job: Job) -> bool:
-        store = self.manager.store
         if job.attempts == 0:
             return await self._send(job, "never sent", decision="send")
-        if self.ambiguous_policy == "resubmit":
+        decision = self.manager.ambiguous_decision(job, self.ambiguous_policy, waited=True)
+        if decision == "resubmit":
             return await self._send(job, "ambiguous resubmit", decision="resubmit")
-        age = round(time.time() - job.updated_at, 1)
-        error = {
-            "type": FailureReason.AMBIGUOUS_SUBMIT.value,
-            "message": (
-                f"the submit may have reached {job.provider}, but no request id came back "
-                f"within {age:g} s; JOBS_AMBIGUOUS_POLICY=fail ends it rather than risk a "
-                "second paid request"
-            ),
-            "attempts": job.attempts,
-        }
-        applied = await asyncio.to_thread(
-            store.fail,
-            job.id,
-            FailureReason.AMBIGUOUS_SUBMIT,
-            error,
-            only_from=(State.SUBMITTING,),
-        )
+        applied = await self.manager.fail_ambiguous(job)
         if applied.changed:
-            AMBIGUOUS_DECISIONS.labels("fail").inc()
             log.warning("ambiguous submit failed by policy", extra={"attempts": job.attempts})
         return applied.changed
 

@@ -26,10 +26,25 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import Row, and_, bindparam, delete, exists, func, insert, or_, select, update
+from sqlalchemy import (
+    Row,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, PendingRollbackError
 from sqlalchemy.sql.dml import Insert
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.selectable import Exists, Select
 
 from .db import (
     create_db_engine,
@@ -38,6 +53,7 @@ from .db import (
     job_files,
     job_logs,
     jobs,
+    provider_accounts,
     results,
     upload_parts,
     uploads,
@@ -234,10 +250,10 @@ class NewJob:
             _check_text(f"label {key[:40]!r}", value, MAX_LABEL_VALUE)
 
 
-def column_length(name: str) -> int:
-    """The ``VARCHAR`` length of ``jobs.<name>`` (jobs/db.py)."""
-    length = getattr(jobs.c[name].type, "length", None)
-    assert isinstance(length, int), f"jobs.{name} is not a VARCHAR column"
+def column_length(name: str, table: Table = jobs) -> int:
+    """The ``VARCHAR`` length of ``<table>.<name>`` (jobs/db.py; ``jobs`` by default)."""
+    length = getattr(table.c[name].type, "length", None)
+    assert isinstance(length, int), f"{table.name}.{name} is not a VARCHAR column"
     return length
 
 
@@ -321,6 +337,14 @@ class MarkSubmitted:
 
     def run(self, conn: Connection, now: float) -> Job:
         ref = self.submitted.ref
+        current = _get(conn, self.job_id)
+        if current.request_id is not None and current.request_id != ref.request_id:
+            # An earlier attempt's request was adopted meanwhile (its webhook came first):
+            # keep it, and record this one as the surplus the caller may cancel.
+            _record_duplicate(
+                conn, current, ref.request_id, now, source="submit", attempt=current.attempts
+            )
+            return current
         values: dict[str, Any] = {
             "request_id": ref.request_id,
             "gateway_request_id": self.submitted.gateway_request_id,
@@ -372,8 +396,6 @@ class Change:
     job_id: str | None = None
     request_id: str | None = None
     provider: str = "fal"
-    # No job has ``request_id`` yet: our id from the webhook URL names an ambiguous submit.
-    adopt_job_id: str | None = None
     next_poll_at: float | None = None
     poll_interval: float | None = None
     # Computes (next_poll_at, poll_interval) from the job as read inside the transaction.
@@ -381,19 +403,108 @@ class Change:
     only_from: tuple[State, ...] | None = None
 
     def __post_init__(self) -> None:
-        # Ids from a webhook (its body, its ?job=) are outside input: one the columns cannot
-        # hold names no job, and is refused as malformed (ValueError) rather than sent to SQL.
-        for name, value, column in (
-            ("request_id", self.request_id, "request_id"),
-            ("job id", self.adopt_job_id, "id"),
-        ):
-            if value is not None and ("\x00" in value or len(value) > column_length(column)):
-                raise ValueError(
-                    f"{name} is not an id: NUL, or over {column_length(column)} characters"
-                )
+        _check_ids((("request_id", self.request_id, "request_id"),))
 
     def run(self, conn: Connection, now: float) -> Applied | None:
         return _apply_one(conn, self, now)
+
+
+def _check_ids(ids: Sequence[tuple[str, str | None, str]]) -> None:
+    """Ids from a webhook (its body, its ?job=) are outside input: one the columns cannot
+    hold names no job, and is refused as malformed (ValueError) rather than sent to SQL."""
+    for name, value, column in ids:
+        if value is not None and ("\x00" in value or len(value) > column_length(column)):
+            raise ValueError(
+                f"{name} is not an id: NUL, or over {column_length(column)} characters"
+            )
+
+
+@dataclass(frozen=True)
+class DuplicateRequest:
+    """A second remote request found for one job: ``job`` keeps its request id (None
+    when it ended without one), ``request_id`` is the surplus one; ``active`` when it may
+    still run remotely."""
+
+    job: Job
+    request_id: str
+    active: bool
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """What a webhook did: ``applied`` when it reached a job; otherwise ``refused`` says why
+    not (``unknown``, ``foreign``, ``unverified``, ``duplicate_request``)."""
+
+    applied: Applied | None = None
+    refused: str | None = None
+    duplicate: DuplicateRequest | None = None
+
+
+@dataclass(frozen=True)
+class Callback:
+    """A verified webhook about ``request_id``, sent by provider account ``user_id``.
+
+    Applied only when the account matches ``account`` (configured), or the one stored in
+    ``provider_accounts``, or, when neither is known, the callback is about a request we
+    submitted: then its account is learned (a tracked request's callback is applied
+    without teaching anything). ``job_id`` (from the callback URL) names an
+    ambiguous submit the request may belong to: it is adopted only when the account is
+    known and matches, and never replaces a request id the job already has, nor revives a
+    job that ended (either makes it a duplicate remote request, recorded as such)."""
+
+    obs: Observation
+    request_id: str
+    user_id: str
+    provider: str = "fal"
+    job_id: str | None = None
+    attempt: int | None = None
+    account: str | None = None
+    schedule: Schedule | None = None
+
+    def __post_init__(self) -> None:
+        _check_ids((("request_id", self.request_id, "request_id"), ("job id", self.job_id, "id")))
+        longest = column_length("user_id", provider_accounts)
+        if "\x00" in self.user_id or len(self.user_id) > longest:
+            raise ValueError(f"the webhook user id has NUL or is over {longest} characters")
+
+    def run(self, conn: Connection, now: float) -> Delivered:
+        account = self.account or _account(conn, self.provider)
+        params = {"b_request_id": self.request_id, "b_provider": self.provider}
+        row = conn.execute(_JOB_BY_REQUEST, params).first()
+        if row is not None:
+            if account is None:
+                if row.tracked:
+                    # Submitted elsewhere (``track``), maybe from another account: it may
+                    # be applied, but it teaches nothing about ours.
+                    return Delivered(applied=self._apply(conn, row.id, now))
+                account = _learn_account(conn, self.provider, self.user_id, now)
+            if account != self.user_id:
+                return Delivered(refused="foreign")
+            return Delivered(applied=self._apply(conn, row.id, now))
+        if self.job_id is None:
+            return Delivered(refused="unknown")
+        if account is None:
+            return Delivered(refused="unverified")
+        if account != self.user_id:
+            return Delivered(refused="foreign")
+        job_row = conn.execute(_JOB_BY_ID, {"b_id": self.job_id}).first()
+        if job_row is None:
+            return Delivered(refused="unknown")
+        if _adopt(conn, self.job_id, self.request_id, now):
+            return Delivered(applied=self._apply(conn, self.job_id, now))
+        job = Job.from_row(job_row)
+        # The job keeps another request, or ended with none (say failed as ambiguous after
+        # its last attempt): either way this request is one more than the job can use.
+        if not _record_duplicate(
+            conn, job, self.request_id, now, source="webhook", attempt=self.attempt
+        ):
+            return Delivered(refused="duplicate_request")  # seen before: counted once
+        active = not (self.obs.state.terminal or self.obs.needs_result)
+        duplicate = DuplicateRequest(job=job, request_id=self.request_id, active=active)
+        return Delivered(refused="duplicate_request", duplicate=duplicate)
+
+    def _apply(self, conn: Connection, job_id: str, now: float) -> Applied | None:
+        return _apply_one(conn, Change(self.obs, job_id=job_id, schedule=self.schedule), now)
 
 
 @dataclass(frozen=True)
@@ -1003,6 +1114,10 @@ class Store:
 
         return self._tx(tx)
 
+    def account(self, provider: str) -> str | None:
+        """The provider account user id learned from webhooks (None until one came)."""
+        return self._tx(lambda conn: _account(conn, provider), write=False)
+
     def mark_cancel_requested(self, job_id: str, *, now: float | None = None) -> None:
         now = time.time() if now is None else now
 
@@ -1175,14 +1290,23 @@ class Store:
 
     def ambiguous(self, *, older_than: float, limit: int = 100) -> list[Job]:
         """Jobs in ``submitting`` with no request id whose last change is older than
-        ``older_than``. (One with a request id is due for a poll, which settles it.)"""
+        ``older_than``, or whose last attempt is known to be over: it ended ambiguous and
+        no webhook was asked for (so nothing can adopt it), or the send was deferred by a
+        provider's rate limit. (One with a request id is due for a poll, which settles it.)
+        """
+        over = _attempt_over(
+            or_(
+                job_events.c.kind == "submit_deferred",
+                and_(job_events.c.kind == "submit_ambiguous", jobs.c.webhook.is_(False)),
+            )
+        )
         rows = self._tx(
             lambda conn: conn.execute(
                 select(jobs)
                 .where(
                     jobs.c.state == State.SUBMITTING.value,
                     jobs.c.request_id.is_(None),
-                    jobs.c.updated_at < older_than,
+                    or_(jobs.c.updated_at < older_than, over),
                 )
                 .order_by(jobs.c.updated_at)
                 .limit(limit)
@@ -1190,6 +1314,23 @@ class Store:
             write=False,
         )
         return [Job.from_row(r) for r in rows]
+
+    def in_flight(self, job_ids: Sequence[str], *, since: float) -> set[str]:
+        """Which of these jobs have a submit attempt under way, begun at or after ``since``
+        (by any process): sent, and neither answered nor known to have ended ambiguous."""
+        ended = _attempt_over(job_events.c.kind.in_(("submit_ambiguous", "submit_deferred")))
+        found: set[str] = set()
+        for chunk in _chunks(job_ids):
+            query = select(jobs.c.id).where(
+                jobs.c.id.in_(chunk),
+                jobs.c.state == State.SUBMITTING.value,
+                jobs.c.request_id.is_(None),
+                jobs.c.attempts > 0,
+                jobs.c.updated_at >= since,
+                ~ended,
+            )
+            found.update(self._tx(partial(_ids, query=query), write=False))
+        return found
 
     # --- result files, batches and retention ----------------------------------------------
 
@@ -1677,14 +1818,10 @@ def _find(conn: Connection, change: Change, now: float) -> Job | None:
         return Job.from_row(row) if row is not None else None
     params = {"b_request_id": change.request_id, "b_provider": change.provider}
     row = conn.execute(_JOB_BY_REQUEST, params).first()
-    if row is not None:
-        return Job.from_row(row)
-    if change.adopt_job_id is not None and change.request_id is not None:
-        return _adopt(conn, change.adopt_job_id, change.request_id, now)
-    return None
+    return Job.from_row(row) if row is not None else None
 
 
-def _adopt(conn: Connection, job_id: str, request_id: str, now: float) -> Job | None:
+def _adopt(conn: Connection, job_id: str, request_id: str, now: float) -> bool:
     done = conn.execute(
         update(jobs)
         .where(
@@ -1697,7 +1834,7 @@ def _adopt(conn: Connection, job_id: str, request_id: str, now: float) -> Job | 
         .values(request_id=request_id, submitted_at=now, updated_at=now, next_poll_at=now)
     )
     if done.rowcount != 1:
-        return None
+        return False
     _event(
         conn,
         job_id,
@@ -1706,7 +1843,65 @@ def _adopt(conn: Connection, job_id: str, request_id: str, now: float) -> Job | 
         reason="webhook",
         detail={"request_id": request_id},
     )
-    return _get(conn, job_id)
+    return True
+
+
+def _ids(conn: Connection, query: Select[Any]) -> list[str]:
+    return list(conn.execute(query).scalars())
+
+
+def _attempt_over(kind: ColumnElement[bool]) -> Exists:
+    """An event of ``kind`` since the job's last change: its last submit attempt is over
+    (a begun attempt sets ``updated_at``; the events that end it do not)."""
+    return exists().where(
+        job_events.c.job_id == jobs.c.id, job_events.c.at >= jobs.c.updated_at, kind
+    )
+
+
+def _record_duplicate(
+    conn: Connection,
+    job: Job,
+    request_id: str,
+    now: float,
+    *,
+    source: str,
+    attempt: int | None = None,
+) -> bool:
+    """Record a second remote request for ``job`` once per request id (fal may deliver a
+    webhook twice); True when it is new."""
+    earlier = conn.execute(
+        select(job_events.c.detail).where(
+            job_events.c.job_id == job.id, job_events.c.kind == "duplicate_request"
+        )
+    ).scalars()
+    pending = conn.info.get(_PENDING, {}).get(_INSERT_EVENT, [])
+    details = [*earlier, *(row["detail"] for row in pending if row["kind"] == "duplicate_request")]
+    if any(isinstance(d, Mapping) and d.get("request_id") == request_id for d in details):
+        return False
+    detail = {"request_id": request_id, "kept": job.request_id, "attempt": attempt}
+    _event(conn, job.id, now, "duplicate_request", reason=source, detail=detail)
+    return True
+
+
+def _account(conn: Connection, provider: str) -> str | None:
+    found: str | None = conn.execute(
+        select(provider_accounts.c.user_id).where(provider_accounts.c.provider == provider)
+    ).scalar()
+    return found
+
+
+def _learn_account(conn: Connection, provider: str, user_id: str, now: float) -> str:
+    """Store ``user_id`` as the provider account unless one is known (another replica may
+    have learned it a moment ago: the first stays); returns the account."""
+    dialect = sqlite if conn.dialect.name == "sqlite" else postgresql
+    conn.execute(
+        dialect.insert(provider_accounts)
+        .values(provider=provider, user_id=user_id, learned_at=now)
+        .on_conflict_do_nothing()
+    )
+    account = _account(conn, provider)
+    assert account is not None
+    return account
 
 
 def _check_same_request(job: Job, new: NewJob) -> None:
@@ -1934,8 +2129,11 @@ def _log_key(entry: Mapping[str, Any]) -> tuple[str, str]:
 __all__ = [
     "Applied",
     "BeginSubmit",
+    "Callback",
     "Change",
     "Claimed",
+    "Delivered",
+    "DuplicateRequest",
     "GcBatch",
     "Job",
     "JobFile",

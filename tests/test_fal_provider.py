@@ -14,6 +14,7 @@ from jobs.providers.base import RemoteRef, SubmitRequest
 from jobs.providers.fal import (
     AppId,
     FalProvider,
+    check_request,
     loads,
     observation_from_result,
     observation_from_status,
@@ -359,3 +360,33 @@ async def test_cancel_outcomes(make_provider: Any) -> None:
     assert await provider.cancel(REF) is False
     assert rec.requests[0].method == "PUT"
     assert rec.requests[0].url.path == "/fal-ai/flux/requests/R1/cancel"
+
+
+@pytest.mark.parametrize(
+    ("application", "path"),
+    [
+        ("fal-ai/flux/dev", "../../../_fake/reset"),
+        ("fal-ai/flux/dev", "a/../b"),
+        ("fal-ai/flux/dev", "./x"),
+        ("fal-ai/flux/dev", "a//b"),
+        ("fal-ai/flux/dev", "%2e%2e/_fake/reset"),
+        ("fal-ai/flux/dev", "a%2Fb"),
+        ("fal-ai/flux/dev", "a?fal_webhook=http://evil"),
+        ("fal-ai/flux/dev", "a#b"),
+        ("fal-ai/flux/dev", "a\\..\\b"),
+        ("fal-ai/../_fake/reset", None),
+        ("fal-ai//flux", None),
+        ("fal-ai/%2e%2e/x", None),
+        ("fal-ai/flux?x=1", None),
+    ],
+)
+def test_paths_that_leave_the_application_are_refused(application: str, path: str | None) -> None:
+    """A path or application that climbs, escapes or ends the URL path would reach another
+    endpoint than the one named (a 2xx without a request id: ambiguous forever)."""
+    with pytest.raises(ConfigError, match="plain path segments"):
+        check_request(SubmitRequest(application=application, arguments={}, path=path))
+
+
+def test_plain_sub_paths_are_accepted() -> None:
+    check_request(SubmitRequest(application="fal-ai/flux/dev", arguments={}, path="image-to-image"))
+    check_request(SubmitRequest(application="workflows/alice/flow", arguments={}, path="/v2/run/"))

@@ -28,7 +28,7 @@ from jobs.providers.signatures import public_jwk
 from jobs.results import FileCache, safe_name
 from jobs.serve import is_loopback, serve
 from jobs.states import State
-from jobs.store import Change, JobFile, NewJob, Store
+from jobs.store import Callback, Change, JobFile, NewJob, Store
 from jobs.testing import FakeFalConfig, FakeFalServer
 from jobs.web import create_app
 
@@ -260,7 +260,7 @@ async def test_a_callback_with_a_long_request_id_is_malformed() -> None:
     with pytest.raises(ValueError, match="not an id"):
         Change(obs=Observation(State.SUCCEEDED), request_id="r" * 129)
     with pytest.raises(ValueError, match="not an id"):
-        Change(obs=Observation(State.SUCCEEDED), request_id="r", adopt_job_id="j\x00")
+        Callback(obs=Observation(State.SUCCEEDED), request_id="r", user_id="u", job_id="j\x00")
 
 
 def test_a_long_host_name_still_fits_the_lease_owner(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -131,13 +131,30 @@ async def test_bad_input_is_refused_before_recording(jm: AsyncJobManager) -> Non
     assert await jm._db(jm.store.list_jobs) == []
 
 
-async def test_ambiguous_submit_is_recorded(jm: AsyncJobManager, fal: FakeFalServer) -> None:
+async def test_an_always_dropped_submit_is_sent_a_bounded_number_of_times(
+    jm: AsyncJobManager, fal: FakeFalServer
+) -> None:
     fal.config.drop_rate = 1.0  # the queue takes the request, then the connection drops
     job = await jm.submit("fal-ai/flux/dev", {"prompt": "lost?"})
-    assert job.state is State.SUBMITTING and job.attempts == 1 and job.request_id is None
+    # Settled before submit returned: resubmitted (the default policy) up to
+    # JOBS_MAX_SUBMIT_ATTEMPTS (3) sends, then failed; never resent forever.
+    assert job.state is State.FAILED and job.failure_reason == "ambiguous_submit"
+    assert job.attempts == 3 and job.request_id is None
     kinds = [e["kind"] for e in await jm._db(jm.store.events, job.id)]
-    assert kinds[-1] == "submit_ambiguous"
-    assert fal.fake.stats.submits == 1  # not retried blindly
+    assert kinds.count("submit_sent") == kinds.count("submit_ambiguous") == 3
+    assert fal.fake.stats.submits == 3  # each send once: no blind retry inside a send
+
+
+async def test_ambiguous_submit_fails_at_once_under_policy_fail(
+    tmp_path: Path, fal: FakeFalServer
+) -> None:
+    fal.config.drop_rate = 1.0
+    settings = local_settings(tmp_path, fal.url, ambiguous_policy="fail")
+    async with open_manager(settings) as manager:
+        job = await manager.submit("fal-ai/flux/dev", {"prompt": "lost?"})
+    # No webhook was asked for, so nothing could ever adopt it: decided now, not in 120 s.
+    assert job.state is State.FAILED and job.failure_reason == "ambiguous_submit"
+    assert job.attempts == 1 and fal.fake.stats.submits == 1
 
 
 async def test_jobs_finish_through_provider_faults(jm: AsyncJobManager, fal: FakeFalServer) -> None:

@@ -23,7 +23,7 @@ from jobs.poller import Poller
 from jobs.providers.base import Observation, RemoteRef
 from jobs.providers.fal import FalProvider
 from jobs.providers.http import make_client
-from jobs.store import Change, Claimed, Job, NewJob, Store
+from jobs.store import Callback, Claimed, Job, NewJob, Store
 from jobs.testing import FakeFalConfig, FakeFalServer, input_hash
 
 pytestmark = pytest.mark.timeout(60)
@@ -212,11 +212,9 @@ async def test_ambiguous_submits_are_decided_and_recorded(
 ) -> None:
     store = manager.store
     past = time.time() - 60
-    # The queue took this one, then the connection dropped: attempts 1, no request id.
-    fal.config.drop_rate = 1.0
-    lost = await manager.submit(APP, {"prompt": "lost"})
-    fal.config.drop_rate = 0.0
-    assert lost.state is State.SUBMITTING and lost.attempts == 1 and lost.request_id is None
+    # Its submitter sent it, then died before any reply: attempts 1, no request id.
+    lost, _ = store.create_job(NewJob(application=APP, arguments={"prompt": "lost"}), now=past)
+    assert store.begin_submit(lost.id, 0, now=past)
     # A submitter died between recording the job and sending it: attempts 0.
     never, _ = store.create_job(NewJob(application=APP, arguments={"prompt": "never"}), now=past)
     # A webhook named the job, then the process died before applying it.
@@ -225,8 +223,10 @@ async def test_ambiguous_submits_are_decided_and_recorded(
     request_id = await _submitted_elsewhere(fal, {"prompt": "adopted"})
     # The webhook came without its payload: the job is adopted and must be polled.
     no_payload = Observation(state=State.IN_PROGRESS, needs_result=True, source="webhook")
-    change = Change(no_payload, request_id=request_id, adopt_job_id=adopted.id)
-    assert store.apply_many([change], now=past) != [None]
+    callback = Callback(
+        no_payload, request_id=request_id, user_id="u-1", job_id=adopted.id, account="u-1"
+    )
+    assert store.write_many([callback], now=past)[0].applied is not None
     await asyncio.sleep(0.6)
     # Recorded a moment ago: its submitter may still be at work.
     fresh, _ = store.create_job(NewJob(application=APP, arguments={"prompt": "fresh"}))
@@ -254,12 +254,12 @@ async def test_ambiguous_submits_are_decided_and_recorded(
     if policy == "resubmit":
         assert lost_after.state is State.QUEUED and lost_after.attempts == 2
         assert sent_reasons(lost_events) == ["submit", "ambiguous resubmit"]
-        assert submits[input_hash({"prompt": "lost"})] == 2  # the price of at-least-once
+        assert submits[input_hash({"prompt": "lost"})] == 1  # the first send never arrived
     else:
         assert lost_after.state is State.FAILED and lost_after.failure_reason == "ambiguous_submit"
         assert lost_events[-1]["to_state"] == "failed"
         assert lost_events[-1]["reason"] == "ambiguous_submit"
-        assert submits[input_hash({"prompt": "lost"})] == 1
+        assert input_hash({"prompt": "lost"}) not in submits
     assert "ambiguous_resolved" in [e["kind"] for e in await events(manager, adopted)]
     fresh_now = await manager.status(fresh.id)
     assert fresh_now.state is State.SUBMITTING and fresh_now.attempts == 0

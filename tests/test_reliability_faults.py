@@ -5,7 +5,7 @@ that are not JSON. Every job still ends in the state its input asks for, with th
 failure reason; a result that expired before the first poll fails as
 ``result_unavailable``; the poll tick survives it all; and the emulator's accounting shows
 the status requests per job stay bounded. A submit whose reply timed out is never sent
-twice by the provider (the bytes left: only the ambiguous-submit resolver may decide)."""
+twice by the provider (the bytes left: only the ambiguous-submit policy may decide)."""
 
 from __future__ import annotations
 
@@ -192,15 +192,19 @@ async def test_expired_results_fail_as_result_unavailable(
         manager.store.close()
 
 
-async def test_a_submit_whose_reply_timed_out_is_sent_once(
+async def test_a_submit_whose_reply_timed_out_is_sent_once_per_counted_attempt(
     manager: AsyncJobManager, fal: FakeFalServer
 ) -> None:
     # The emulator enqueues the request, then answers after the client stopped waiting.
     fal.config.update({"slow_rate": 1.0, "slow_seconds": SLOW_SECONDS})
     job = await manager.submit(APP, {"prompt": "slow reply"})
-    assert job.state is State.SUBMITTING and job.attempts == 1 and job.request_id is None
-    assert [e["kind"] for e in await events(manager, job.id)][-1] == "submit_ambiguous"
-    assert fal.stats.submits_by_input == {input_hash({"prompt": "slow reply"}): 1}
-    assert fal.stats.submit_attempts == 1
+    # The provider never resends a submit whose bytes left; only the policy does, each
+    # time as a new counted attempt, up to JOBS_MAX_SUBMIT_ATTEMPTS (3).
+    assert job.state is State.FAILED and job.failure_reason == "ambiguous_submit"
+    assert job.attempts == 3 and job.request_id is None
+    kinds = [e["kind"] for e in await events(manager, job.id)]
+    assert kinds.count("submit_sent") == kinds.count("submit_ambiguous") == 3
+    assert fal.stats.submits_by_input == {input_hash({"prompt": "slow reply"}): 3}
+    assert fal.stats.submit_attempts == 3
     fal.config.update({"slow_rate": 0.0})
     await asyncio.sleep(SLOW_SECONDS)  # let the emulator finish the slow reply before it stops

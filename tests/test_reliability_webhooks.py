@@ -10,7 +10,8 @@ succeeded.
 Fixed cases that tests/test_webhooks.py does not already cover: a delivery replayed hours
 later, a JWKS full of entries that are not Ed25519 keys, a retired key refused once the
 cache has refreshed, a broken (not just unreachable) JWKS with and without cached keys, and
-a valid signature for a request nobody here knows, whatever job the URL names.
+a valid signature for a request nobody here knows, whatever job the URL names (one of our
+jobs that has another request records it as a duplicate remote request, nothing more).
 """
 
 from __future__ import annotations
@@ -621,13 +622,21 @@ async def test_a_valid_signature_for_an_unknown_request_changes_nothing(
         "garbage": "'; DROP TABLE jobs; --",
     }[named]
     before = receiver.snapshot()
+    # From our account and naming one of our jobs that has another request: a second
+    # remote request for that job, recorded as one event (once, however often it comes),
+    # and nothing else changes.
+    second = named in ("queued", "finished")
     for payload in (_ok("req-nobody-knows"), _error("req-nobody-knows")):
         body, headers = receiver.signed(payload)
         params = {"job": job_param} if job_param else None
         response = await receiver.post(body, headers, params)
         assert response.status_code == 200
-        assert response.json() == {"ok": True, "outcome": "unknown"}
-        assert receiver.snapshot() == before
+        outcome = "duplicate_request" if second else "unknown"
+        assert response.json() == {"ok": True, "outcome": outcome}
+        after = receiver.snapshot()
+        added = after.pop("job_events")[len(before["job_events"]) :]
+        assert after == {k: v for k, v in before.items() if k != "job_events"}
+        assert [row[3] for row in added] == (["duplicate_request"] if second else [])
 
 
 async def test_a_genuine_body_nested_too_deep_is_400_not_500(receiver: Receiver) -> None:

@@ -264,14 +264,31 @@ async def test_provider_unreachable_is_502(
     assert error["job"]["failure_reason"] == "submit_unreachable"
 
 
-async def test_ambiguous_submit_is_accepted_while_it_is_resolved(
+async def test_a_submit_lost_on_every_attempt_fails_once_the_attempts_are_spent(
     api: tuple[httpx.AsyncClient, AsyncJobManager], fal: FakeFalServer
 ) -> None:
     client, _ = api
     fal.fake.update_config({"drop_rate": 1.0})
     response = await client.post("/v1/jobs", json={"application": APP, "arguments": {}})
+    error = _error(response, 502)
+    assert error["type"] == "provider_unavailable"
+    assert error["job"]["failure_reason"] == "ambiguous_submit"
+    assert fal.fake.stats.submits == 3  # JOBS_MAX_SUBMIT_ATTEMPTS, then no more
+
+
+async def test_an_ambiguous_submit_that_may_be_adopted_is_accepted_while_it_is_resolved(
+    serve: Callable[..., tuple[Starlette, AsyncJobManager]],
+    client_for: Client,
+    fal: FakeFalServer,
+) -> None:
+    """With a webhook asked for and policy ``fail``, the webhook may still name the
+    request: the job is answered as recorded, and the server's resolver decides later."""
+    app, _ = serve(public_url="http://127.0.0.1:9", ambiguous_policy="fail")
+    fal.fake.update_config({"drop_rate": 1.0})
+    response = await client_for(app).post("/v1/jobs", json={"application": APP, "arguments": {}})
     assert response.status_code == 202
-    assert response.json()["state"] == "submitting" and response.json()["request_id"] is None
+    body = response.json()
+    assert body["state"] == "submitting" and body["request_id"] is None
 
 
 # The machine may be busy (other suites, emulator threads): judge results, not speed.

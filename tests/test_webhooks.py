@@ -7,19 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from starlette.applications import Starlette
 from starlette.types import Message
 from support.jwks import Clock, JwksServer
+from support.live import live_app
 
 from jobs.config import Secret, Settings
 from jobs.manager import AsyncJobManager
@@ -64,6 +64,12 @@ class Harness:
         result: Job = self.store.mark_submitted(job.id, submitted, next_poll_at=time.time() + 3600)
         return result
 
+    def ambiguous(self) -> Job:
+        """A job sent once with no reply recorded (its request id unknown)."""
+        job, _ = self.store.create_job(NewJob(application=APP, arguments={}))
+        assert self.store.begin_submit(job.id, 0)
+        return self.store.get(job.id)
+
     async def deliver(
         self,
         payload: dict[str, Any] | bytes,
@@ -72,6 +78,8 @@ class Harness:
         request_id: str | None = None,
         timestamp: int | None = None,
         job: str | None = None,
+        attempt: int | None = None,
+        user: str = "user-1",
         drop: tuple[str, ...] = (),
     ) -> httpx.Response:
         body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
@@ -79,10 +87,12 @@ class Harness:
             assert isinstance(payload, dict)
             request_id = payload["request_id"]
         stamp = int(time.time()) if timestamp is None else timestamp
-        headers = sign_fal(key, request_id, "user-1", stamp, body)
+        headers = sign_fal(key, request_id, user, stamp, body)
         for name in drop:
             del headers[name]
-        params = {"job": job} if job else None
+        params = {"job": job} if job else {}
+        if attempt is not None:
+            params["attempt"] = str(attempt)
         return await self.client.post(
             "/v1/webhooks/fal",
             content=body,
@@ -141,16 +151,23 @@ def _settings(tmp_path: Path, queue_url: str, **extra: Any) -> Settings:
     )
 
 
-@pytest.fixture
-async def harness(tmp_path: Path, fal: FakeFalServer, jwks: JwksCache) -> AsyncIterator[Harness]:
-    settings = _settings(tmp_path, fal.url)
+@asynccontextmanager
+async def _harness(settings: Settings, jwks: JwksCache) -> AsyncIterator[Harness]:
     manager = AsyncJobManager(settings)
     app = create_app(manager, settings=settings, jwks=jwks, body_limit=LIMIT)
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
-        yield Harness(manager, app, client)
-    await manager.aclose()
-    manager.store.close()
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+            yield Harness(manager, app, client)
+    finally:
+        await manager.aclose()
+        manager.store.close()
+
+
+@pytest.fixture
+async def harness(tmp_path: Path, fal: FakeFalServer, jwks: JwksCache) -> AsyncIterator[Harness]:
+    async with _harness(_settings(tmp_path, fal.url), jwks) as made:
+        yield made
 
 
 # --- accepted deliveries --------------------------------------------------------------------
@@ -200,13 +217,99 @@ async def test_unknown_request_is_200_and_stores_nothing(
 async def test_webhook_resolves_an_ambiguous_submit(
     harness: Harness, signer: Ed25519PrivateKey
 ) -> None:
-    job, _ = harness.store.create_job(NewJob(application=APP, arguments={}))
-    assert harness.store.begin_submit(job.id, 0)  # sent, but no reply was recorded
+    harness.queued("req-ours")
+    await harness.deliver(_ok("req-ours"), key=signer)  # teaches our account: user-1
+    job = harness.ambiguous()
     response = await harness.deliver(_ok("req-lost"), key=signer, job=job.id)
     assert response.status_code == 200 and response.json()["outcome"] == "applied"
     resolved = await harness.manager.status(job.id)
     assert resolved.state is State.SUCCEEDED and resolved.request_id == "req-lost"
     assert "ambiguous_resolved" in [e["kind"] for e in harness.store.events(job.id)]
+
+
+# --- accounts and duplicate remote requests -------------------------------------------------
+
+
+async def test_a_callback_from_another_account_adopts_nothing(
+    harness: Harness, signer: Ed25519PrivateKey
+) -> None:
+    """fal signs every customer's callbacks with the same keys: a genuine signature from
+    another account must not adopt our ambiguous job and set its result."""
+    harness.queued("req-ours")
+    await harness.deliver(_ok("req-ours"), key=signer)
+    assert harness.store.account("fal") == "user-1"
+    job = harness.ambiguous()
+    before = _count("foreign")
+    reply = await harness.deliver(_ok("req-theirs"), key=signer, job=job.id, user="attacker")
+    assert reply.status_code == 200 and reply.json() == {"ok": True, "outcome": "foreign"}
+    after = await harness.manager.status(job.id)
+    assert after.state is State.SUBMITTING and after.request_id is None
+    assert _count("foreign") == before + 1
+    # Nor is a callback from another account applied to a request we know.
+    known = harness.queued("req-known")
+    reply = await harness.deliver(_ok("req-known"), key=signer, user="attacker")
+    assert reply.json()["outcome"] == "foreign"
+    assert (await harness.manager.status(known.id)).state is State.QUEUED
+
+
+async def test_adoption_waits_until_the_account_is_known(
+    harness: Harness, signer: Ed25519PrivateKey
+) -> None:
+    job = harness.ambiguous()
+    reply = await harness.deliver(_ok("req-lost"), key=signer, job=job.id)
+    assert reply.status_code == 503 and reply.json()["error"]["type"] == "account_unknown"
+    assert (await harness.manager.status(job.id)).request_id is None
+    assert harness.store.account("fal") is None  # an adoption never teaches the account
+
+
+async def test_the_configured_account_is_used_and_the_learned_one_persists(
+    tmp_path: Path, fal: FakeFalServer, jwks: JwksCache, signer: Ed25519PrivateKey
+) -> None:
+    settings = _settings(tmp_path, fal.url, fal_user_id="user-1")
+    async with _harness(settings, jwks) as configured:
+        job = configured.ambiguous()
+        reply = await configured.deliver(_ok("req-lost"), key=signer, job=job.id)
+        assert reply.json()["outcome"] == "applied"
+        ours = configured.queued("req-ours")
+        reply = await configured.deliver(_ok("req-ours"), key=signer, user="user-2")
+        assert reply.json()["outcome"] == "foreign"  # the configured account wins
+        assert (await configured.manager.status(ours.id)).state is State.QUEUED
+    async with _harness(_settings(tmp_path, fal.url), jwks) as learner:
+        learner.queued("req-first")
+        await learner.deliver(_ok("req-first"), key=signer, user="user-9")
+    # A restart (a new store on the same database) knows the account it learned.
+    async with _harness(_settings(tmp_path, fal.url), jwks) as restarted:
+        assert restarted.store.account("fal") == "user-9"
+        job = restarted.ambiguous()
+        reply = await restarted.deliver(_ok("req-late"), key=signer, job=job.id, user="user-9")
+        assert reply.json()["outcome"] == "applied"
+
+
+async def test_a_second_remote_request_never_replaces_the_known_one(
+    harness: Harness, signer: Ed25519PrivateKey
+) -> None:
+    job = harness.queued("req-second")  # attempt 2 was confirmed
+    await harness.deliver(_ok("req-second"), key=signer)
+    before = REGISTRY.get_sample_value(
+        "jobs_duplicate_requests_total", {"provider": "fal", "action": "kept"}
+    )
+    # Attempt 1 did reach fal after all: its callback names another request for the job.
+    for _ in range(2):  # fal may deliver it twice: recorded once
+        reply = await harness.deliver(
+            _ok("req-first", payload={"seed": 1}), key=signer, job=job.id, attempt=1
+        )
+        assert reply.json()["outcome"] == "duplicate_request"
+    after = await harness.manager.status(job.id)
+    assert after.request_id == "req-second"
+    assert await harness.manager.result(job.id) == _ok("req-second")["payload"]
+    duplicates = [e for e in harness.store.events(job.id) if e["kind"] == "duplicate_request"]
+    assert [e["detail"] for e in duplicates] == [
+        {"request_id": "req-first", "kept": "req-second", "attempt": 1}
+    ]
+    counted = REGISTRY.get_sample_value(
+        "jobs_duplicate_requests_total", {"provider": "fal", "action": "kept"}
+    )
+    assert (counted or 0) - (before or 0) == 1
 
 
 async def test_error_payloads_fail_or_cancel_the_job(
@@ -522,26 +625,12 @@ async def test_webhook_and_poll_racing_store_one_result(
 async def live(tmp_path: Path, fal: FakeFalServer) -> AsyncIterator[tuple[AsyncJobManager, str]]:
     """Our app on a real socket, named by ``JOBS_PUBLIC_URL`` in the submits, fetching
     fal's keys from the emulator's JWKS."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    manager = AsyncJobManager(_settings(tmp_path, fal.url, public_url=url))
-    async with httpx.AsyncClient(trust_env=False) as keys_client:
-        jwks = JwksCache(f"{fal.url}/.well-known/jwks.json", keys_client)
-        app = create_app(manager, settings=manager.settings, jwks=jwks)
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
-        server = uvicorn.Server(config)
-        task = asyncio.create_task(server.serve(sockets=[sock]))
-        try:
-            while not server.started:
-                await asyncio.sleep(0.01)
-            yield manager, url
-        finally:
-            server.should_exit = True
-            await task
-            sock.close()
-            await manager.aclose()
-            manager.store.close()
+
+    def make(url: str) -> AsyncJobManager:
+        return AsyncJobManager(_settings(tmp_path, fal.url, public_url=url))
+
+    async with live_app(make, fal.url) as served:
+        yield served
 
 
 async def _until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from ..store import short_id
 from .base import (
     DURATION,
     ENV_DB,
@@ -116,11 +117,13 @@ def explain_unsent(job: Job) -> None:
     if job.state.value == "failed":
         fail(f"submit failed ({job.failure_reason}): {(job.error or {}).get('message')}", 1)
     if job.state.value == "submitting":
+        # The sender settles every other ambiguous submit before it returns; what is left
+        # asked for a webhook under JOBS_AMBIGUOUS_POLICY=fail, which fal may still send.
         fail(
-            f"job {job.id}: the submit may or may not have reached fal, so it is recorded as "
-            "ambiguous; a running `jobsctl serve` settles it (a webhook naming the job, else "
-            "JOBS_AMBIGUOUS_POLICY after the grace period); `jobsctl show "
-            f"{job.id}` shows each decision",
+            f"job {short_id(job.id)}: the submit may or may not have reached fal; it stays "
+            "recorded: a running `jobsctl serve` adopts it when fal's webhook names it, or "
+            "fails it after the grace period (JOBS_AMBIGUOUS_POLICY=fail); without a server "
+            f"nothing settles it. `jobsctl show {short_id(job.id)}` shows each decision",
             EXIT_FAILED,
         )
 

@@ -66,12 +66,15 @@ class Submitted:
 
 @dataclass(frozen=True)
 class WebhookDelivery:
-    """A verified webhook: which request it is about, what it says, and our job id if the
-    callback URL carried one."""
+    """A verified webhook: which request it is about, what it says, the provider account
+    that sent it (signed), and our job id and attempt number if the callback URL carried
+    them."""
 
     request_id: str
     observation: Observation
+    user_id: str
     job_id: str | None = None
+    attempt: int | None = None
 
 
 class Provider(Protocol):
@@ -82,6 +85,14 @@ class Provider(Protocol):
     def check(self, request: SubmitRequest) -> None:
         """Raise ``ConfigError`` for a request that cannot be sent (bad id, no credentials),
         before anything is recorded."""
+        ...
+
+    def send_delay(self) -> float:
+        """Seconds a request would wait now for the provider's rate limit to pass."""
+        ...
+
+    def retry_delay(self, attempt: int) -> float:
+        """The backoff before retry number ``attempt`` (1 = first), as its own retries use."""
         ...
 
     async def submit(self, request: SubmitRequest) -> Submitted: ...

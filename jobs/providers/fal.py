@@ -34,7 +34,7 @@ from ..errors import (
 from ..states import FailureReason, State
 from .base import Observation, RemoteRef, SubmitRequest, Submitted, WebhookDelivery
 from .http import RETRY_STATUSES, RateGate, RetryPolicy, never_sent, parse_retry_after
-from .signatures import verify_fal
+from .signatures import FAL_USER_ID, verify_fal
 
 NAMESPACES = ("workflows", "comfy")
 PRIORITIES = ("normal", "low")
@@ -129,12 +129,26 @@ def _sendable(name: str, value: str) -> None:
         raise ConfigError(f"{name} {value!r} must be printable ASCII without spaces")
 
 
+def _plain_segments(name: str, value: str) -> None:
+    """Each ``/``-separated part of a URL path we build must be a plain name: no ``.`` or
+    ``..`` (which climb out of the application), no empty part, no ``%`` escape (decoded
+    by a server into any of those), no ``?`` or ``#`` (which end the path)."""
+    for part in value.strip("/").split("/"):
+        if part in ("", ".", "..") or any(c in part for c in "%?#\\"):
+            raise ConfigError(
+                f"{name} {value!r} must be plain path segments (no '..', '.', empty parts, "
+                "'%', '?', '#' or backslash)"
+            )
+
+
 def check_request(request: SubmitRequest) -> None:
     """Refuse, before anything is recorded, a request fal could not receive as sent."""
     _sendable("application", request.application)
+    _plain_segments("application", request.application)
     AppId.parse(request.application)
     if request.path:
         _sendable("path", request.path)
+        _plain_segments("path", request.path)
     if request.hint:
         _sendable("hint", request.hint)
     submit_headers(request)
@@ -282,9 +296,11 @@ def parse_webhook(
     now: float,
     *,
     job_id: str | None = None,
+    attempt: int | None = None,
 ) -> WebhookDelivery:
     """Verify and read a fal callback. Raises ``SignatureError`` or ``ValueError`` (malformed)."""
     signed_request_id = verify_fal(headers, body, keys, now)
+    user_id = {k.lower(): v for k, v in headers.items()}[FAL_USER_ID]
     payload = loads(body)
     if not isinstance(payload, Mapping):
         raise ValueError("webhook body is not a JSON object")
@@ -294,7 +310,11 @@ def parse_webhook(
     if request_id != signed_request_id and payload.get("gateway_request_id") != signed_request_id:
         raise ValueError("webhook body names another request than its signed header")
     return WebhookDelivery(
-        request_id=request_id, observation=observation_from_webhook(payload), job_id=job_id
+        request_id=request_id,
+        observation=observation_from_webhook(payload),
+        user_id=user_id,
+        job_id=job_id,
+        attempt=attempt,
     )
 
 
@@ -353,7 +373,8 @@ class FalProvider:
         self._key = key
         self._client = client
         self._retry = retry or RetryPolicy()
-        self.gate = gate or RateGate(sleep=sleep)
+        self.gate = gate or RateGate(sleep=sleep, max_pause=self._retry.max_retry_after)
+        self.gate.max_pause = min(self.gate.max_pause, self._retry.max_retry_after)
         self._sleep = sleep
 
     def _auth(self) -> dict[str, str]:
@@ -381,6 +402,12 @@ class FalProvider:
         check_request(request)
         self._auth()
 
+    def send_delay(self) -> float:
+        return self.gate.remaining()
+
+    def retry_delay(self, attempt: int) -> float:
+        return self._retry.delay(attempt)
+
     async def submit(self, request: SubmitRequest) -> Submitted:
         url = submit_url(self.queue_url, request.application, request.path, request.webhook_url)
         headers = {**self._auth(), **submit_headers(request)}
@@ -401,7 +428,7 @@ class FalProvider:
             if code == 429 or _is_ingress_error(response):
                 retry_after = parse_retry_after(response.headers.get("retry-after"))
                 if code == 429:
-                    self.gate.pause(retry_after or self._retry.delay(attempt))
+                    self.gate.pause(self._retry.delay(attempt, retry_after))
                 if not last:
                     await self._sleep(0 if code == 429 else self._retry.delay(attempt, retry_after))
                     continue
@@ -490,7 +517,7 @@ class FalProvider:
                 return response
             retry_after = parse_retry_after(response.headers.get("retry-after"))
             if code == 429:
-                self.gate.pause(retry_after or self._retry.delay(attempt))
+                self.gate.pause(self._retry.delay(attempt, retry_after))
             if last:
                 raise ProviderUnavailable(
                     f"fal kept answering HTTP {code} ({attempt} attempts)",

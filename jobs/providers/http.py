@@ -21,6 +21,8 @@ from aiohttp.abc import AbstractResolver
 from httpx_aiohttp import AiohttpTransport
 
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+# The longest a Retry-After is honoured (seconds): one huge value must not stop a provider.
+MAX_RETRY_AFTER = 120.0
 # Statuses worth retrying for idempotent calls (status, result, cancel).
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 
@@ -83,7 +85,7 @@ class RetryPolicy:
     attempts: int = 5
     base: float = 0.25
     cap: float = 10.0
-    max_retry_after: float = 120.0
+    max_retry_after: float = MAX_RETRY_AFTER
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Seconds to sleep before retry number ``attempt`` (1 = first retry)."""
@@ -95,24 +97,35 @@ class RetryPolicy:
 
 class RateGate:
     """One per provider: a 429 from any request pauses every request to that provider until
-    the server's ``Retry-After`` has passed, instead of each job backing off on its own."""
+    the server's ``Retry-After`` has passed, instead of each job backing off on its own.
+
+    A pause is capped at ``max_pause`` seconds (a ``Retry-After: 86400`` would otherwise
+    hold every submit and poll until a restart). Waiting is a plain sleep, so cancelling
+    the waiting task ends it; :meth:`remaining` lets a caller decide not to wait at all."""
 
     def __init__(
         self,
         on_wait: Callable[[float], None] | None = None,
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        max_pause: float = MAX_RETRY_AFTER,
     ) -> None:
         self._resume_at = 0.0
         self._on_wait = on_wait
         self._sleep = sleep
+        self.max_pause = max_pause
 
     def pause(self, seconds: float) -> None:
+        seconds = min(max(0.0, seconds), self.max_pause)
         self._resume_at = max(self._resume_at, time.monotonic() + seconds)
 
+    def remaining(self) -> float:
+        """Seconds until requests may go again (0 when the gate is open)."""
+        return max(0.0, self._resume_at - time.monotonic())
+
     async def wait(self) -> None:
-        delay = self._resume_at - time.monotonic()
+        delay = self.remaining()
         if delay > 0:
             if self._on_wait is not None:
                 self._on_wait(delay)
-            await self._sleep(delay)
+            await self._sleep(min(delay, self.max_pause))

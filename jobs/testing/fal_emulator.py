@@ -47,17 +47,19 @@ reproducible with ``seed``):
   On submit the request was already enqueued: an ambiguous submit.
 - ``error_500``: 500 with ``x-fal-request-id``. On submit the request was already
   enqueued (ambiguous; the header names it); on status/result/cancel nothing happens.
+- ``processed_drop_rate`` (submit only, its own draw after the one above): the request is
+  queued, then the connection drops, as for ``drop``; counted as ``processed_drop``.
 - ``slow``: the reply (normal otherwise) is delayed by ``slow_seconds``; a submit is
   enqueued before the wait.
 - ``unknown_status`` (status only): a 202 whose ``status`` is ``UNKNOWN_FAKE_STATE``.
 - ``invalid_json`` (submit, status, result): 200 with a body that is not JSON; a submit
   is enqueued.
 
-Cancel: a queued or running request ends at once as COMPLETED with ``error_type``
-``client_cancelled`` and its result answers 499 (docs/protocol.md §8). An ``X-Fal-Request-Timeout``
-shorter than the queue time ends the request with 504 and ``X-Fal-Request-Timeout-Type:
-user`` on the result. Queue positions are 0-based among requests still queued, normal
-priority before low.
+Cancel: a queued request ends at once, a running one after ``cancel_delay`` seconds
+(default 0), as COMPLETED with ``error_type`` ``client_cancelled``; its result answers
+499 (docs/protocol.md §8). An ``X-Fal-Request-Timeout`` shorter than the queue time ends
+the request with 504 and ``X-Fal-Request-Timeout-Type: user`` on the result. Queue
+positions are 0-based among requests still queued, normal priority before low.
 """
 
 from __future__ import annotations
@@ -383,6 +385,10 @@ class FakeFal:
         )
         request = self.queue.enqueue(submission, overrides)
         rid = request.request_id
+        rate = self.config.processed_drop_rate
+        if fault is None and rate > 0 and self._rng.random() < rate:
+            fault = "drop"
+            self.stats.fault("processed_drop")
         reply = {
             "request_id": rid,
             **request.urls(),

@@ -63,6 +63,9 @@ class FakeFalConfig:
     retry_after: float = 1.0
     drop_rate: float = 0.0
     ingress_error_rate: float = 0.0
+    # Share of submits (beyond the shared draw) queued, then answered by a dropped
+    # connection: an ambiguous submit whose request exists, without any other fault.
+    processed_drop_rate: float = 0.0
     slow_rate: float = 0.0
     slow_seconds: float = 30.0
     unknown_status_rate: float = 0.0
@@ -75,6 +78,9 @@ class FakeFalConfig:
     webhook_duplicate_rate: float = 0.0
     webhook_timeout: float = 10.0
     webhook_on_cancel: bool = True
+    # Seconds a running request keeps running after a cancel before it ends (fal stops a
+    # runner some time after accepting the cancel); a queued one ends at once.
+    cancel_delay: float = 0.0
     seed: int | None = None
     result_padding: int = 0
     file_size: int = 2048

@@ -179,18 +179,22 @@ class FakeQueue:
         return ahead
 
     def cancel(self, request: FakeRequest, now: float) -> bool:
-        """End a queued or running request now with 499; False if it had already finished."""
+        """End a queued request now, a running one after ``config.cancel_delay``, with 499;
+        False if it had already finished."""
         if request.state(now) == COMPLETED:
             return False
+        end = now
         if request.queued:
             self._leave(request)
         if now < request.start_at:
             request.start_at = math.inf
-        request.finish_at = now
+        else:
+            end = now + self._config().cancel_delay
+        request.finish_at = end
         request.fail_status = 499
         request.cancelled = True
         request.timeout_user = False
-        heapq.heappush(self._finish_heap, (now, request.seq, request.request_id))
+        heapq.heappush(self._finish_heap, (end, request.seq, request.request_id))
         return True
 
     def tick(self, now: float, on_finished: Callable[[FakeRequest], None]) -> None:

@@ -42,10 +42,16 @@ MAX_CURSOR = 64
 MAX_REF = 255  # the longest job reference the store looks up (an idempotency key)
 # How long a cancel request waits for the provider's answer to show up before replying 202.
 CANCEL_WAIT = 0.0
+# Longest a request waits for the provider's rate limit to pass. Beyond it a submit is
+# answered recorded (``submitting``; the server's resolver sends it later), and a cancel
+# is refused with 502 and Retry-After (nothing was asked).
+RATE_WAIT = 5.0
 # A submit that ended failed at once: the provider said no, or could not be reached.
 _FAILED_SUBMIT = {
     FailureReason.SUBMIT_REJECTED.value: (422, "provider_rejected"),
     FailureReason.SUBMIT_UNREACHABLE.value: (502, "provider_unavailable"),
+    # Every send (JOBS_MAX_SUBMIT_ATTEMPTS) may have reached the queue, none was confirmed.
+    FailureReason.AMBIGUOUS_SUBMIT.value: (502, "provider_unavailable"),
 }
 
 
@@ -165,7 +171,9 @@ class JobsApi:
     async def submit(self, request: Request) -> Response:
         require_json(request)
         options = parse_submit(await request.body())
-        job = await self.manager.submit(options.pop("application"), **options)
+        job = await self.manager.submit(
+            options.pop("application"), **options, max_rate_wait=RATE_WAIT
+        )
         failed = _FAILED_SUBMIT.get(job.failure_reason or "")
         if job.state is State.FAILED and failed is not None:
             status, kind = failed
@@ -201,7 +209,7 @@ class JobsApi:
         return JSONResponse(data)
 
     async def cancel(self, request: Request) -> Response:
-        job = await self.manager.cancel(job_ref(request), wait=CANCEL_WAIT)
+        job = await self.manager.cancel(job_ref(request), wait=CANCEL_WAIT, max_rate_wait=RATE_WAIT)
         return JSONResponse(job.to_dict(), status_code=202)
 
     async def list_jobs(self, request: Request) -> Response:

@@ -161,7 +161,16 @@ SCHEMAS: dict[str, Any] = {
         "required": ["ok", "outcome"],
         "properties": {
             "ok": {"const": True},
-            "outcome": {"enum": ["applied", "duplicate", "unknown", "needs_poll"]},
+            "outcome": {
+                "enum": [
+                    "applied",
+                    "duplicate",
+                    "unknown",
+                    "needs_poll",
+                    "foreign",
+                    "duplicate_request",
+                ]
+            },
             "id": {"type": "string"},
             "state": {"enum": STATES},
         },
@@ -383,6 +392,12 @@ PATHS: dict[str, Any] = {
                     "description": "our job id, in the URL we gave fal",
                     "schema": {"type": "string"},
                 },
+                {
+                    "name": "attempt",
+                    "in": "query",
+                    "description": "which submit attempt of the job this URL was given to",
+                    "schema": {"type": "integer", "minimum": 1},
+                },
                 *(
                     {"name": name, "in": "header", "required": True, "schema": {"type": "string"}}
                     for name in (
@@ -398,11 +413,18 @@ PATHS: dict[str, Any] = {
                 "content": {"application/json": {"schema": _ref("FalWebhook")}},
             },
             "responses": {
-                "200": _json(_ref("WebhookAck"), "accepted (also duplicates and unknown requests)"),
+                "200": _json(
+                    _ref("WebhookAck"),
+                    "accepted (also duplicates, unknown requests, callbacks from another fal "
+                    "account and second remote requests for one job, none of them applied)",
+                ),
                 "400": _error("authentic but malformed"),
                 "401": _error("missing signature headers, stale timestamp or bad signature"),
                 "413": _error("body over the size limit"),
-                "503": _error("signing keys unavailable; fal retries later"),
+                "503": _error(
+                    "signing keys unavailable, or our fal account not known yet for a callback "
+                    "that would settle an ambiguous submit; fal retries later"
+                ),
             },
         }
     },
