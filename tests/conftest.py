@@ -47,8 +47,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if _POSTGRES_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.postgres)
-        if not run_slow and item.get_closest_marker("slow"):
-            item.add_marker(skip_slow)
+        if item.get_closest_marker("slow"):
+            # One worker runs the heavy tests (crash storms, replicas, the wheel) one after
+            # another, so two of them never compete for the machine's two cores.
+            item.add_marker(pytest.mark.xdist_group("slow"))
+            if not run_slow:
+                item.add_marker(skip_slow)
 
 
 # SQLite
