@@ -98,8 +98,12 @@ def test_the_lora_guide_resumes_after_a_restart_without_a_second_submit(tmp_path
         env = {
             "JOBS_DATABASE_URL": f"sqlite:///{tmp_path}/jobs.db",
             "JOBS_FAL_QUEUE_URL": fal.url,
+            "JOBS_FAL_REST_URL": fal.url,
             "FAL_KEY": "any-key",
         }
+        (tmp_path / "training-images").mkdir()
+        for n in range(3):
+            (tmp_path / "training-images" / f"{n}.jpg").write_bytes(bytes([n]) * 1000)
         code = guide_block("lora").replace('"duration": 20', '"duration": 3')
         run = partial(
             subprocess.run,
@@ -112,12 +116,12 @@ def test_the_lora_guide_resumes_after_a_restart_without_a_second_submit(tmp_path
         # The "kernel" gives up waiting (as a restart would) while the training runs...
         first = run(env={**os.environ, **env, "WAIT_SECONDS": "0.5"})
         assert first.returncode != 0 and "WaitTimeout" in first.stderr
-        assert "queued as" in first.stdout
+        assert "queued as" in first.stdout and "(uploaded)" in first.stdout
         # ... and the same cell, run again, waits for the same training.
         second = run(env={**os.environ, **env})
         assert second.returncode == 0, second.stderr[-2000:]
-        assert "queued as" in second.stdout
-        assert fal.stats.submits == 1
+        assert "queued as" in second.stdout and "(reused)" in second.stdout
+        assert fal.stats.submits == 1 and fal.stats.cdn_uploads == 1
 
 
 def test_the_replicas_guide_runs_three_servers_on_postgresql(
