@@ -22,10 +22,15 @@ if TYPE_CHECKING:
 TICK = 1.0  # seconds between redraws of the elapsed time
 
 
+def where(job: Job) -> str:
+    """``3f9c2a01d4 queued (position 2)``."""
+    position = f" (position {job.queue_position})" if job.queue_position is not None else ""
+    return f"{short_id(job.id)} {job.state.value}{position}"
+
+
 def describe(job: Job, elapsed: float) -> str:
     """``3f9c2a01d4 queued (position 2) · 12s``."""
-    where = f" (position {job.queue_position})" if job.queue_position is not None else ""
-    return f"{short_id(job.id)} {job.state.value}{where} · {elapsed:.0f}s"
+    return f"{where(job)} · {elapsed:.0f}s"
 
 
 async def wait_for(
@@ -60,9 +65,9 @@ async def wait_for(
                 line = describe(job, time.monotonic() - started)
                 if spinner is not None:
                     spinner.update(line)
-                elif line.split(" · ")[0] != shown:
+                elif where(job) != shown:  # plain lines: one per change, not per redraw
                     console.print(line, markup=False)
-                shown = line.split(" · ")[0]
+                shown = where(job)
     finally:
         if ticker is not None:
             ticker.cancel()
