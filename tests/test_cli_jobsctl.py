@@ -85,6 +85,13 @@ def wait_finished(fal: FakeFalServer, request_id: str) -> None:
         time.sleep(0.05)
 
 
+def sent_input(fal: FakeFalServer, request_id: str) -> Any:
+    """The input the emulator received for ``request_id``."""
+    request = fal.fake.get_request(request_id)
+    assert request is not None
+    return request.input
+
+
 def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
@@ -479,7 +486,7 @@ def test_file_option_sets_the_input_key_to_the_upload(
     url = ok(env, "upload", str(photos))["url"]
     job = ok(env, "submit", APP, "--input", '{"prompt": "p"}', "--file", f"data.images={photos}")
     shown = ok(env, "show", job["id"])
-    assert fal.fake.get_request(job["request_id"]).input["data"] == {"images": url}
+    assert sent_input(fal, job["request_id"])["data"] == {"images": url}
     assert shown["job"]["state"] in ("queued", "in_progress", "succeeded")
 
     ran = jobsctl(env, "run", APP, "--input", "{}", "--file", f"images_data_url={photos}")
@@ -492,7 +499,7 @@ def test_file_option_sets_the_input_key_to_the_upload(
     )
     assert batch.returncode == 1 and "line 2" in batch.stderr  # data is not an object there
     (first,) = [json.loads(x) for x in batch.stdout.splitlines()]
-    assert fal.fake.get_request(first["request_id"]).input["data"] == {"z": url}
+    assert sent_input(fal, first["request_id"])["data"] == {"z": url}
 
 
 @pytest.mark.parametrize(

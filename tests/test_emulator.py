@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -641,16 +641,16 @@ async def test_in_process_with_a_scripted_clock() -> None:
 @pytest.mark.parametrize("received", [b"", b'{"prompt": "a c'])
 async def test_a_body_cut_off_midway_queues_nothing(received: bytes) -> None:
     fake = FakeFal(FakeFalConfig())
-    messages = [
+    messages: list[MutableMapping[str, Any]] = [
         {"type": "http.request", "body": received, "more_body": True},
         {"type": "http.disconnect"},
     ]
-    sent: list[dict[str, Any]] = []
+    sent: list[MutableMapping[str, Any]] = []
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> MutableMapping[str, Any]:
         return messages.pop(0) if messages else {"type": "http.disconnect"}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         sent.append(message)
 
     scope = {

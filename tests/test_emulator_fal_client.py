@@ -16,6 +16,7 @@ from typing import Any
 
 import fal_client
 import fal_client.client as fal_client_module
+import httpx
 import pytest
 
 from jobs.testing import FakeFalConfig, FakeFalServer
@@ -177,7 +178,7 @@ def test_sync_upload_single(server: FakeFalServer, sync_client: fal_client.SyncC
     stats = server.fake.stats
     assert (stats.cdn_tokens, stats.cdn_uploads, stats.cdn_multipart_initiated) == (1, 1, 0)
     # the served file is what was sent
-    with fal_client_module.httpx.Client() as http:
+    with httpx.Client() as http:
         assert http.get(url).content == b"hello cdn"
 
 

@@ -137,15 +137,23 @@ async def test_a_429_storm_pauses_the_provider_not_each_job(
 class FlakyStore(Store):
     """A database that fails the first few claims (a restart, a lock timeout)."""
 
-    failures = 3
+    failing_claims = 3
 
     def claim_due(
-        self, owner: str, *, limit: int, lease_seconds: float, now: float | None = None
+        self,
+        owner: str,
+        *,
+        limit: int,
+        lease_seconds: float,
+        batch: str | None = None,
+        now: float | None = None,
     ) -> list[Claimed]:
-        if self.failures > 0:
-            self.failures -= 1
+        if self.failing_claims > 0:
+            self.failing_claims -= 1
             raise RuntimeError("the database went away")
-        return super().claim_due(owner, limit=limit, lease_seconds=lease_seconds, now=now)
+        return super().claim_due(
+            owner, limit=limit, lease_seconds=lease_seconds, batch=batch, now=now
+        )
 
 
 class BuggyFal(FalProvider):

@@ -12,6 +12,7 @@ import signal
 import sqlite3
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,10 @@ API_TOKEN = "api-token-do-not-log-7777"
 def fal() -> Iterator[FakeFalServer]:
     with FakeFalServer(FakeFalConfig(duration=0.5, queue_time=0.1, seed=3)) as server:
         yield server
+
+
+def _finished(serve: ServeProcess, job_id: str) -> bool:
+    return _state(serve, job_id) == "succeeded"
 
 
 def _state(serve: ServeProcess, job_id: str) -> str:
@@ -93,7 +98,7 @@ def test_jobs_from_cli_python_and_http_finish(
         submitted = [by_cli, by_python, by_http]
 
         for job in submitted:
-            wait_for(lambda j=job: _state(serve, j["id"]) == "succeeded", 30, f"job {job['id']}")
+            wait_for(partial(_finished, serve, job["id"]), 30, f"job {job['id']}")
         fetched_before = fal.fake.stats.result_fetches
         for job in submitted:
             result = httpx.get(f"{serve.url}/v1/jobs/{job['id']}/result", headers=_auth())

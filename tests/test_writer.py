@@ -23,10 +23,10 @@ class CountingStore(Store):
     def __init__(self, url: str) -> None:
         opened = Store.open(url)
         super().__init__(opened.engine)
-        self.batches: list[int] = []
+        self.transactions: list[int] = []
 
     def write_many(self, writes: Sequence[Write[T]], *, now: float | None = None) -> list[T]:
-        self.batches.append(len(writes))
+        self.transactions.append(len(writes))
         return super().write_many(writes, now=now)
 
 
@@ -52,14 +52,14 @@ def _queued(store: Store, n: int) -> list[str]:
 
 async def test_concurrent_applies_share_transactions(store: CountingStore) -> None:
     ids = _queued(store, 200)
-    store.batches.clear()
+    store.transactions.clear()
     writer = GroupWriter(store)
     done = Observation(state=State.SUCCEEDED, result={"ok": True})
     outcomes = await asyncio.gather(
         *(writer.write(Change(done, request_id=f"r{i}")) for i in range(len(ids)))
     )
     assert all(o is not None and o.changed for o in outcomes)
-    assert sum(store.batches) == 200 and len(store.batches) < 50
+    assert sum(store.transactions) == 200 and len(store.transactions) < 50
     assert all(store.result(i) == (True, {"ok": True}) for i in ids)
 
 
