@@ -147,6 +147,7 @@ class AsyncJobManager:
         migrate: bool = True,
     ) -> None:
         self.settings = settings or Settings.from_env()
+        self._owns_store = store is None  # aclose() closes what this manager opened
         if store is None:
             store = Store.open(
                 self.settings.database_url, synchronous=self.settings.sqlite_synchronous
@@ -221,6 +222,8 @@ class AsyncJobManager:
         for provider in self._providers.values():
             await provider.close()
         self._providers.clear()
+        if self._owns_store:
+            self.store.close()
 
     async def __aenter__(self) -> AsyncJobManager:
         return self
@@ -1201,7 +1204,9 @@ class _Portal:
 
 
 class JobManager:
-    """The synchronous face of :class:`AsyncJobManager`: same methods, same behaviour."""
+    """The synchronous face of :class:`AsyncJobManager`: its user-facing methods with the
+    same signatures and behaviour, run on a private event loop (so it works inside
+    notebooks, which already run one). tests/test_manager.py keeps the two in step."""
 
     def __init__(self, settings: Settings | None = None, **kwargs: Any) -> None:
         self._portal = _Portal()
@@ -1272,8 +1277,67 @@ class JobManager:
     ) -> Iterator[dict[str, Any]]:
         return self._portal.iterate(self._async.stream(application, arguments, **options))
 
-    def status(self, ref: str) -> Job:
-        return self._portal.call(self._async.status(ref))
+    def status(self, ref: str, *, refresh: bool = False) -> Job:
+        return self._portal.call(self._async.status(ref, refresh=refresh))
+
+    def retry(self, ref: str) -> Job:
+        return self._portal.call(self._async.retry(ref))
+
+    def retry_batch(self, batch: str, *, reasons: Sequence[str] | None = None) -> list[Job]:
+        return self._portal.call(self._async.retry_batch(batch, reasons=reasons))
+
+    def events(self, ref: str) -> list[dict[str, Any]]:
+        return self._portal.call(self._async.events(ref))
+
+    def logs(self, ref: str, *, after: int = 0) -> list[tuple[int, dict[str, Any]]]:
+        return self._portal.call(self._async.logs(ref, after=after))
+
+    def iter_logs(
+        self, ref: str, *, follow: bool = False, timeout: float | None = None
+    ) -> Iterator[dict[str, Any]]:
+        return self._portal.iterate(self._async.iter_logs(ref, follow=follow, timeout=timeout))
+
+    def list_jobs(
+        self,
+        *,
+        state: State | None = None,
+        states: Sequence[State] | None = None,
+        application: str | None = None,
+        batch: str | None = None,
+        limit: int = 100,
+        before: str | None = None,
+        label: tuple[str, str] | None = None,
+        search: str | None = None,
+    ) -> list[Job]:
+        return self._portal.call(
+            self._async.list_jobs(
+                state=state,
+                states=states,
+                application=application,
+                batch=batch,
+                limit=limit,
+                before=before,
+                label=label,
+                search=search,
+            )
+        )
+
+    def count_by_state(self) -> dict[State, int]:
+        return self._portal.call(self._async.count_by_state())
+
+    def batches(self, *, active_only: bool = False, limit: int = 100) -> list[BatchProgress]:
+        return self._portal.call(self._async.batches(active_only=active_only, limit=limit))
+
+    def batch(self, name: str) -> BatchProgress:
+        return self._portal.call(self._async.batch(name))
+
+    def collect_garbage(self, cutoff: float) -> GcReport:
+        return self._portal.call(self._async.collect_garbage(cutoff))
+
+    def upload_inputs(
+        self, arguments: Mapping[str, Any], files: Sequence[tuple[str, str | os.PathLike[str]]]
+    ) -> tuple[dict[str, Any], list[Uploaded]]:
+        return self._portal.call(self._async.upload_inputs(arguments, files))
 
     def result(self, ref: str, *, wait: bool = False, timeout: float | None = None) -> Any:
         return self._portal.call(self._async.result(ref, wait=wait, timeout=timeout))
@@ -1281,11 +1345,11 @@ class JobManager:
     def wait(self, ref: str, *, timeout: float | None = None) -> Job:
         return self._portal.call(self._async.wait(ref, timeout=timeout))
 
-    def cancel(self, ref: str, *, wait: float = 10.0) -> Job:
-        return self._portal.call(self._async.cancel(ref, wait=wait))
+    def cancel(self, ref: str, *, wait: float = 10.0, max_rate_wait: float | None = None) -> Job:
+        return self._portal.call(self._async.cancel(ref, wait=wait, max_rate_wait=max_rate_wait))
 
-    def track(self, application: str, request_id: str) -> Job:
-        return self._portal.call(self._async.track(application, request_id))
+    def track(self, application: str, request_id: str, *, provider: str = "fal") -> Job:
+        return self._portal.call(self._async.track(application, request_id, provider=provider))
 
     def iter_events(self, ref: str, **options: Any) -> Iterator[Status]:
         return self._portal.iterate(self._async.iter_events(ref, **options))

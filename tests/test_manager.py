@@ -28,6 +28,8 @@ from jobs import (
     WaitTimeout,
 )
 from jobs.errors import ConfigError
+from jobs.migrate import upgrade
+from jobs.store import Store
 from jobs.testing import FakeFalConfig, FakeFalServer, input_hash
 
 
@@ -246,3 +248,71 @@ def test_sync_manager_works_inside_a_running_loop(tmp_path: Path, fal: FakeFalSe
 
     result, statuses = asyncio.run(notebook_cell())
     assert result["prompt"] == "sync" and isinstance(statuses[-1], Completed)
+
+
+# What only the service uses (the poller, the web layer, batches), not a user of JobManager.
+ASYNC_ONLY = {
+    "aclose",  # JobManager.close
+    "ambiguous_decision",
+    "apply",
+    "batch_jobs",
+    "fail_ambiguous",
+    "failures",
+    "files",
+    "handle_fal_webhook",
+    "job_files",
+    "new_job",
+    "overview",
+    "ping",
+    "provider",
+    "record_many",
+    "refresh",
+    "send",
+    "stored_result",
+    "stored_results",
+    "uploader",
+    "watch",
+}
+
+
+def test_the_sync_manager_offers_every_user_facing_method_with_its_signature() -> None:
+    import inspect
+
+    public = {
+        name: member
+        for name, member in vars(AsyncJobManager).items()
+        if not name.startswith("_") and (callable(member) or isinstance(member, property))
+    }
+    missing = sorted(set(public) - ASYNC_ONLY - set(vars(JobManager)))
+    assert missing == [], f"JobManager lacks {missing}"
+    for name in sorted(set(public) - ASYNC_ONLY):
+        ours = inspect.signature(getattr(JobManager, name)).parameters
+        theirs = inspect.signature(public[name]).parameters
+        if any(p.kind is p.VAR_KEYWORD for p in ours.values()):
+            continue  # forwards its keywords as they are (submit, run, stream, ...)
+        assert [(p.name, p.kind, p.default) for p in ours.values()] == [
+            (p.name, p.kind, p.default) for p in theirs.values()
+        ], name
+
+
+def _pooled(store: Store) -> int:
+    """Connections the store's pool holds open."""
+    return int(getattr(store.engine.pool, "checkedin")())  # noqa: B009 (not in Pool's type)
+
+
+async def test_aclose_closes_the_store_it_opened(tmp_path: Path, fal: FakeFalServer) -> None:
+    manager = AsyncJobManager(local_settings(tmp_path, fal.url))
+    await manager.list_jobs()
+    assert _pooled(manager.store) >= 1
+    await manager.aclose()
+    assert _pooled(manager.store) == 0
+
+    given = Store.open(f"sqlite:///{tmp_path}/given.db")
+    upgrade(given.engine)
+    try:
+        borrowed = AsyncJobManager(local_settings(tmp_path, fal.url), store=given)
+        await borrowed.list_jobs()
+        await borrowed.aclose()
+        assert _pooled(given) >= 1  # the caller's store stays open
+    finally:
+        given.close()
