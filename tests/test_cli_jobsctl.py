@@ -521,3 +521,10 @@ def test_a_bad_file_option_creates_no_job(
         assert done.returncode == 2 and says in one_line_error(done)
     assert rows(env) == [] and fal.fake.stats.submit_attempts == 0
     assert fal.fake.stats.cdn_uploads == 0
+
+
+@pytest.mark.parametrize("args", [(), ("db",)])
+def test_a_bare_group_shows_its_help(args: tuple[str, ...]) -> None:
+    done = subprocess.run([*JOBSCTL, *args], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert done.stderr.startswith("Usage: jobsctl") and "error:" not in done.stderr

@@ -48,6 +48,9 @@ class Group(click.Group):
         kwargs["standalone_mode"] = False
         try:
             return super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:  # a bare `jobsctl` or `jobsctl db`
+            click.echo(exc.ctx.get_help() if exc.ctx else "", err=True)
+            sys.exit(EXIT_USAGE)
         except click.UsageError as exc:
             where = exc.ctx.command_path if exc.ctx else "jobsctl"
             fail(f"{exc.format_message()} (see `{where} --help`)", EXIT_USAGE)
