@@ -528,3 +528,17 @@ def test_a_bare_group_shows_its_help(args: tuple[str, ...]) -> None:
     done = subprocess.run([*JOBSCTL, *args], capture_output=True, text=True, timeout=30)
     assert done.returncode == 2
     assert done.stderr.startswith("Usage: jobsctl") and "error:" not in done.stderr
+
+
+def test_list_filters_by_label_and_search(env: dict[str, str]) -> None:
+    tagged = ok(env, "submit", APP, "--input", '{"p": 1}', "--label", "team=vision")
+    ok(env, "submit", APP, "--input", '{"p": 2}', "--label", "team=audio")
+    keyed = ok(env, "submit", APP, "--input", '{"p": 3}', "--idempotency-key", "lora-x")
+    by_label = jobsctl(env, "list", "--label", "team=vision").stdout.splitlines()
+    assert [json.loads(x)["id"] for x in by_label] == [tagged["id"]]
+    by_key = jobsctl(env, "list", "--search", "lora-x").stdout.splitlines()
+    assert [json.loads(x)["id"] for x in by_key] == [keyed["id"]]
+    by_short = jobsctl(env, "list", "--search", tagged["short_id"][:7]).stdout.splitlines()
+    assert [json.loads(x)["id"] for x in by_short] == [tagged["id"]]
+    bad = jobsctl(env, "list", "--label", "novalue")
+    assert bad.returncode == 2 and "key=value" in one_line_error(bad)

@@ -17,6 +17,7 @@ from .base import (
     help_epilog,
     main,
     output_option,
+    parse_labels,
     run,
     say,
     show,
@@ -102,6 +103,7 @@ def show_(job: str, refresh: bool, output: str | None) -> None:
         [
             "jobsctl list --state in_progress",
             "jobsctl list --state COMPLETED --batch night-1 --limit 1000",
+            "jobsctl list --label team=vision --search lora",
         ],
         ENV_DB,
     ),
@@ -115,20 +117,35 @@ def show_(job: str, refresh: bool, output: str | None) -> None:
 )
 @click.option("--app", "application", help="Only jobs of this application.")
 @click.option("--batch", help="Only jobs of this batch.")
+@click.option("--label", metavar="K=V", help="Only jobs with this label.")
+@click.option(
+    "--search", metavar="TEXT", help="Jobs this names: an id or prefix, request id or key."
+)
 @click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)
 @output_option
 def list_(
     states: tuple[tuple[State, ...], ...],
     application: str | None,
     batch: str | None,
+    label: str | None,
+    search: str | None,
     limit: int,
     output: str | None,
 ) -> None:
     """Jobs, newest first (one JSON line each, or a table on a terminal)."""
+    pair = None
+    if label is not None:
+        ((key, value),) = parse_labels((label,)).items()
+        pair = (key, value)
 
     async def action(manager: AsyncJobManager) -> list[Job]:
         return await manager.list_jobs(
-            states=states_of(states), application=application, batch=batch, limit=limit
+            states=states_of(states),
+            application=application,
+            batch=batch,
+            label=pair,
+            search=search,
+            limit=limit,
         )
 
     show([j.to_dict() for j in run(action)], output, JOB_COLUMNS)
