@@ -1141,23 +1141,15 @@ class Store:
             raise JobNotFound(ref)
 
         def tx(conn: Connection) -> list[Row[Any]]:
-            for where in (
-                jobs.c.id == ref,
-                jobs.c.request_id == ref,
-                jobs.c.idempotency_key == ref,
-            ):
+            for where in _exact_names(ref):
                 row = conn.execute(select(jobs).where(where).order_by(jobs.c.id).limit(1)).first()
                 if row is not None:
                     return [row]
-            if not is_id_prefix(ref):
+            near = _prefix_names(ref)
+            if not near:
                 return []
-            # Hex ids sort like strings, so a prefix is an index range; the short id (the
-            # random part) needs a scan, reached only when everything above missed.
-            near = or_(
-                and_(jobs.c.id >= ref, jobs.c.id < ref + "g"),
-                func.substr(jobs.c.id, SHORT_ID_START + 1, len(ref)) == ref,
-            )
-            return list(conn.execute(select(jobs).where(near).order_by(jobs.c.id).limit(20)))
+            query = select(jobs).where(or_(*near)).order_by(jobs.c.id).limit(20)
+            return list(conn.execute(query))
 
         rows = self._tx(tx, write=False)
         if not rows:
@@ -1208,15 +1200,8 @@ class Store:
             key, value = label
             query = query.where(jobs.c.labels[key].as_string() == value)
         if search is not None:
-            named = [
-                jobs.c.id == search,
-                jobs.c.request_id == search,
-                jobs.c.idempotency_key == search,
-            ]
-            if is_id_prefix(search):  # the same prefixes as get(), listed instead of refused
-                named.append(and_(jobs.c.id >= search, jobs.c.id < search + "g"))
-                named.append(func.substr(jobs.c.id, SHORT_ID_START + 1, len(search)) == search)
-            query = query.where(or_(*named))
+            # What get() resolves, listed instead of refused when it names several jobs.
+            query = query.where(or_(*_exact_names(search), *_prefix_names(search)))
         if states:
             query = query.where(jobs.c.state.in_([s.value for s in states]))
         if application is not None:
@@ -1762,6 +1747,22 @@ _INSERT_RESULT = insert(results)
 # Rows of events and results written in a transaction wait here (on the connection) for
 # one executemany per table.
 _PENDING = "jobs_pending_inserts"
+
+
+def _exact_names(ref: str) -> list[ColumnElement[bool]]:
+    """The columns that name a job exactly, in the order :meth:`Store.get` tries them."""
+    return [jobs.c.id == ref, jobs.c.request_id == ref, jobs.c.idempotency_key == ref]
+
+
+def _prefix_names(ref: str) -> list[ColumnElement[bool]]:
+    """A prefix of the id or of the short id, when ``ref`` can be one. Hex ids sort like
+    strings, so the first is an index range; the short id needs a scan."""
+    if not is_id_prefix(ref):
+        return []
+    return [
+        and_(jobs.c.id >= ref, jobs.c.id < ref + "g"),
+        func.substr(jobs.c.id, SHORT_ID_START + 1, len(ref)) == ref,
+    ]
 
 
 # A job no retry supersedes: batches count and export the newest attempt of each line.
