@@ -1,7 +1,7 @@
 """The public Python API: :class:`AsyncJobManager`, and :class:`JobManager` for plain code.
 
 The data path reads top to bottom here: ``submit`` records the job, then sends it;
-``refresh`` polls one job and applies what it saw; ``handle_fal_webhook`` applies a callback;
+``refresh`` polls one job and applies what it saw; ``handle_webhook`` applies a callback;
 ``result`` and ``iter_events`` watch the store, polling a job themselves when nobody else does
 (claiming it under a lease, exactly as ``jobs serve`` would). The sync ``JobManager`` runs the
 same coroutines on a private event loop, so the logic exists once.
@@ -82,8 +82,6 @@ from .store import (
 from .writer import GroupWriter
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
     from .providers.fal_stream import FalStream
     from .results import FileCache, GcReport
     from .uploads import Uploaded, Uploader
@@ -778,29 +776,28 @@ class AsyncJobManager:
             self.files.schedule(done.id)  # in the background: the poll goes on
         return applied
 
-    async def handle_fal_webhook(
+    async def handle_webhook(
         self,
+        provider: str,
         headers: Mapping[str, str],
         body: bytes,
-        keys: list[Ed25519PublicKey],
         *,
         job_id: str | None = None,
         attempt: int | None = None,
         now: float | None = None,
     ) -> Delivered:
-        """Verify a fal callback and apply it. Raises ``SignatureError``/``ValueError``.
+        """Verify a callback from ``provider`` and apply it. Raises ``SignatureError``,
+        ``ValueError`` (authentic but unreadable) or ``WebhookUnavailable``.
 
         ``job_id`` and ``attempt`` come from the callback URL: they let a callback settle
         an ambiguous submit that never learned its request id, or reveal a second remote
-        request for the job. Callbacks from another fal account (``X-Fal-Webhook-User-Id``
-        other than ``JOBS_FAL_USER_ID`` or the learned account) are never applied."""
-        from .providers.fal import parse_webhook
-
-        delivery = parse_webhook(
+        request for the job. Callbacks from another provider account (one other than the
+        configured or learned account) are never applied."""
+        remote = self.provider(provider)
+        delivery = await remote.parse_webhook(
             headers,
             body,
-            keys,
-            time.time() if now is None else now,
+            now=time.time() if now is None else now,
             job_id=job_id,
             attempt=attempt,
         )
@@ -808,10 +805,10 @@ class AsyncJobManager:
             delivery.observation,
             request_id=delivery.request_id,
             user_id=delivery.user_id,
-            provider="fal",
+            provider=provider,
             job_id=delivery.job_id,
             attempt=delivery.attempt,
-            account=self.settings.fal_user_id,
+            account=remote.account,
             schedule=self._schedule,
         )
         delivered = await self.writer.write(callback)

@@ -442,7 +442,8 @@ class Delivered:
 
 @dataclass(frozen=True)
 class Callback:
-    """A verified webhook about ``request_id``, sent by provider account ``user_id``.
+    """A verified webhook about ``request_id``, sent by provider account ``user_id``
+    (``None``: the signature itself proved it comes from our account).
 
     Applied only when the account matches ``account`` (configured), or the one stored in
     ``provider_accounts``, or, when neither is known, the callback is about a request we
@@ -454,8 +455,8 @@ class Callback:
 
     obs: Observation
     request_id: str
-    user_id: str
-    provider: str = "fal"
+    user_id: str | None
+    provider: str
     job_id: str | None = None
     attempt: int | None = None
     account: str | None = None
@@ -464,10 +465,12 @@ class Callback:
     def __post_init__(self) -> None:
         _check_ids((("request_id", self.request_id, "request_id"), ("job id", self.job_id, "id")))
         longest = column_length("user_id", provider_accounts)
-        if "\x00" in self.user_id or len(self.user_id) > longest:
+        if self.user_id is not None and ("\x00" in self.user_id or len(self.user_id) > longest):
             raise ValueError(f"the webhook user id has NUL or is over {longest} characters")
 
     def run(self, conn: Connection, now: float) -> Delivered:
+        if self.user_id is None:
+            return self._from_us(conn, now)
         account = self.account or _account(conn, self.provider)
         params = {"b_request_id": self.request_id, "b_provider": self.provider}
         row = conn.execute(_JOB_BY_REQUEST, params).first()
@@ -487,6 +490,19 @@ class Callback:
             return Delivered(refused="unverified")
         if account != self.user_id:
             return Delivered(refused="foreign")
+        return self._adopt_or_duplicate(conn, now)
+
+    def _from_us(self, conn: Connection, now: float) -> Delivered:
+        params = {"b_request_id": self.request_id, "b_provider": self.provider}
+        row = conn.execute(_JOB_BY_REQUEST, params).first()
+        if row is not None:
+            return Delivered(applied=self._apply(conn, row.id, now))
+        if self.job_id is None:
+            return Delivered(refused="unknown")
+        return self._adopt_or_duplicate(conn, now)
+
+    def _adopt_or_duplicate(self, conn: Connection, now: float) -> Delivered:
+        assert self.job_id is not None
         job_row = conn.execute(_JOB_BY_ID, {"b_id": self.job_id}).first()
         if job_row is None:
             return Delivered(refused="unknown")

@@ -16,6 +16,7 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import event
+from support.jwks import use_keys
 from support.managers import local_settings
 
 from jobs import IdempotencyConflict
@@ -66,7 +67,10 @@ async def client(manager: AsyncJobManager) -> AsyncIterator[httpx.AsyncClient]:
     )
     jwks = JwksCache("https://keys.example/jwks.json", keys)
     app = create_app(
-        manager, settings=manager.settings, jwks=jwks, body_limit=BODY_LIMIT, bind_host="0.0.0.0"
+        use_keys(manager, jwks),
+        settings=manager.settings,
+        body_limit=BODY_LIMIT,
+        bind_host="0.0.0.0",
     )
     transport = httpx.ASGITransport(app=app)
     async with keys, httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
@@ -260,7 +264,13 @@ async def test_a_callback_with_a_long_request_id_is_malformed() -> None:
     with pytest.raises(ValueError, match="not an id"):
         Change(obs=Observation(State.SUCCEEDED), request_id="r" * 129)
     with pytest.raises(ValueError, match="not an id"):
-        Callback(obs=Observation(State.SUCCEEDED), request_id="r", user_id="u", job_id="j\x00")
+        Callback(
+            obs=Observation(State.SUCCEEDED),
+            provider="fal",
+            request_id="r",
+            user_id="u",
+            job_id="j\x00",
+        )
 
 
 def test_a_long_host_name_still_fits_the_lease_owner(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -259,7 +259,7 @@ ASYNC_ONLY = {
     "fail_ambiguous",
     "failures",
     "files",
-    "handle_fal_webhook",
+    "handle_webhook",
     "job_files",
     "new_job",
     "overview",

@@ -232,7 +232,12 @@ async def test_ambiguous_submits_are_decided_and_recorded(
     # The webhook came without its payload: the job is adopted and must be polled.
     no_payload = Observation(state=State.IN_PROGRESS, needs_result=True, source="webhook")
     callback = Callback(
-        no_payload, request_id=request_id, user_id="u-1", job_id=adopted.id, account="u-1"
+        no_payload,
+        provider="fal",
+        request_id=request_id,
+        user_id="u-1",
+        job_id=adopted.id,
+        account="u-1",
     )
     assert store.write_many([callback], now=past)[0].applied is not None
     await asyncio.sleep(0.6)

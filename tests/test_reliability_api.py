@@ -35,6 +35,7 @@ from schemathesis.specs.openapi.checks import (
 )
 from sqlalchemy import func, select
 from starlette.applications import Starlette
+from support.jwks import use_keys
 
 from jobs.config import Secret, Settings
 from jobs.db import jobs as jobs_table
@@ -144,17 +145,13 @@ def api(tmp_path_factory: pytest.TempPathFactory, fal: FakeFalServer) -> Iterato
     keys_client = _keys_client()
 
     async def start() -> None:
-        pass
+        # aclose() (at each stop) drops the providers; the next one gets the test's keys too
+        use_keys(manager, JwksCache("https://keys.example/jwks.json", keys_client))
 
     async def stop() -> None:
         await manager.aclose()
 
-    app = create_app(
-        manager,
-        settings=manager.settings,
-        jwks=JwksCache("https://keys.example/jwks.json", keys_client),
-        lifespan_hooks=[(start, stop)],
-    )
+    app = create_app(manager, settings=manager.settings, lifespan_hooks=[(start, stop)])
     try:
         schema = schemathesis.openapi.from_asgi("/openapi.json", app)
         refs = _seed(manager)
@@ -264,9 +261,8 @@ async def raw_client(
     manager = AsyncJobManager(_settings(sqlite_migrated_url, fal.url))
     async with _keys_client() as keys_client:
         app = create_app(
-            manager,
+            use_keys(manager, JwksCache("https://keys.example/jwks.json", keys_client)),
             settings=manager.settings,
-            jwks=JwksCache("https://keys.example/jwks.json", keys_client),
         )
         # A crash is answered 500, as a server would, so assertions show what the client saw.
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
-from support.jwks import Clock
+from support.jwks import Clock, use_keys
 
 from jobs.config import Secret, Settings
 from jobs.db import metadata
@@ -168,7 +168,7 @@ async def open_receiver(
     clock = Clock()
     async with httpx.AsyncClient(transport=httpx.MockTransport(keys)) as keys_client:
         jwks = JwksCache("https://keys.example/jwks.json", keys_client, clock=clock)
-        app = create_app(manager, settings=settings, jwks=jwks, body_limit=LIMIT)
+        app = create_app(use_keys(manager, jwks), settings=settings, body_limit=LIMIT)
         # A crash is answered 500, as a server would, so assertions show what fal would see.
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:

@@ -214,12 +214,16 @@ def test_a_webhook_adopts_an_ambiguous_submit(store: Store) -> None:
     job, _ = store.create_job(NewJob(application="a/b", arguments={}))
     assert store.begin_submit(job.id, 0)  # sent, then the process died
     # A webhook names our job (from its URL) and a request id no job has yet: adopted.
-    adopt = Callback(OK, request_id="from-webhook", user_id="me", job_id=job.id, account="me")
+    adopt = Callback(
+        OK, provider="fal", request_id="from-webhook", user_id="me", job_id=job.id, account="me"
+    )
     [delivered] = store.write_many([adopt])
     assert delivered.applied is not None and delivered.applied.job.request_id == "from-webhook"
     assert delivered.applied.job.state is State.SUCCEEDED
     # Another request id cannot take the job over: it is a duplicate remote request.
-    again = Callback(OK, request_id="again", user_id="me", job_id=job.id, account="me", attempt=2)
+    again = Callback(
+        OK, provider="fal", request_id="again", user_id="me", job_id=job.id, account="me", attempt=2
+    )
     [second] = store.write_many([again])
     assert second.applied is None and second.refused == "duplicate_request"
     assert second.duplicate is not None and second.duplicate.request_id == "again"
@@ -228,10 +232,10 @@ def test_a_webhook_adopts_an_ambiguous_submit(store: Store) -> None:
 
 def test_the_provider_account_is_learned_once(store: Store) -> None:
     first, second = _queued(store, "r-1"), _queued(store, "r-2")
-    learn = Callback(RUNNING, request_id=first.request_id or "", user_id="u-1")
+    learn = Callback(RUNNING, provider="fal", request_id=first.request_id or "", user_id="u-1")
     assert store.write_many([learn])[0].applied is not None
     # A replica that saw another account first cannot overwrite it: the first one stays.
-    other = Callback(RUNNING, request_id=second.request_id or "", user_id="u-2")
+    other = Callback(RUNNING, provider="fal", request_id=second.request_id or "", user_id="u-2")
     assert store.write_many([other])[0].refused == "foreign"
     assert store.account("fal") == "u-1"
 
@@ -239,14 +243,14 @@ def test_the_provider_account_is_learned_once(store: Store) -> None:
 def test_a_callback_user_id_the_store_cannot_hold_is_malformed() -> None:
     for user_id in ("u" * 256, "u\x00"):
         with pytest.raises(ValueError, match="user id"):
-            Callback(RUNNING, request_id="r", user_id=user_id)
+            Callback(RUNNING, provider="fal", request_id="r", user_id=user_id)
 
 
 def test_a_tracked_request_teaches_no_account(store: Store) -> None:
     ref = RemoteRef(application="fal-ai/flux/dev", request_id="r-t")
     new = NewJob(application="fal-ai/flux/dev", arguments={})
     tracked = store.track_job(new, ref, next_poll_at=4102444800.0)
-    callback = Callback(RUNNING, request_id="r-t", user_id="someone-else")
+    callback = Callback(RUNNING, provider="fal", request_id="r-t", user_id="someone-else")
     assert store.write_many([callback])[0].applied is not None
     assert store.get(tracked.id).state is State.IN_PROGRESS
     assert store.account("fal") is None

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.routing import Route
+from support.jwks import use_keys
 from support.managers import local_settings
 
 from jobs.config import Secret, Settings
@@ -82,7 +83,7 @@ def serve(
         settings = _settings(tmp_path, fal.url, **extra)
         manager = AsyncJobManager(settings)
         managers.append(manager)
-        return create_app(manager, settings=settings, jwks=jwks), manager
+        return create_app(use_keys(manager, jwks), settings=settings), manager
 
     return make
 
@@ -257,7 +258,7 @@ async def test_provider_unreachable_is_502(
     )
     manager = AsyncJobManager(settings, providers={"fal": provider})
     managers.append(manager)
-    client = client_for(create_app(manager, settings=settings, jwks=jwks))
+    client = client_for(create_app(use_keys(manager, jwks), settings=settings))
     response = await client.post("/v1/jobs", json={"application": APP, "arguments": {}})
     error = _error(response, 502)
     assert error["type"] == "provider_unavailable"
@@ -631,7 +632,9 @@ async def test_a_failed_startup_stops_what_had_started(
     manager = AsyncJobManager(settings)
     managers.append(manager)
     app = create_app(
-        manager, settings=settings, jwks=jwks, lifespan_hooks=[(ok, stop_ok), (broken, stop_ok)]
+        use_keys(manager, jwks),
+        settings=settings,
+        lifespan_hooks=[(ok, stop_ok), (broken, stop_ok)],
     )
     with pytest.raises(RuntimeError, match="would not start"):
         async with app.router.lifespan_context(app):

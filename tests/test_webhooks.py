@@ -18,7 +18,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from starlette.applications import Starlette
 from starlette.types import Message
-from support.jwks import Clock, JwksServer
+from support.jwks import Clock, JwksServer, use_keys
 from support.live import live_app
 
 from jobs.config import Secret, Settings
@@ -154,7 +154,7 @@ def _settings(tmp_path: Path, queue_url: str, **extra: Any) -> Settings:
 @asynccontextmanager
 async def _harness(settings: Settings, jwks: JwksCache) -> AsyncIterator[Harness]:
     manager = AsyncJobManager(settings)
-    app = create_app(manager, settings=settings, jwks=jwks, body_limit=LIMIT)
+    app = create_app(use_keys(manager, jwks), settings=settings, body_limit=LIMIT)
     transport = httpx.ASGITransport(app=app)
     try:
         async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
@@ -371,7 +371,8 @@ async def test_several_keys_any_may_sign(
     manager = AsyncJobManager(settings)
     async with httpx.AsyncClient(transport=httpx.MockTransport(server)) as jwks_client:
         app = create_app(
-            manager, settings=settings, jwks=JwksCache("https://k/jwks", jwks_client, clock=clock)
+            use_keys(manager, JwksCache("https://k/jwks", jwks_client, clock=clock)),
+            settings=settings,
         )
         async with httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://localhost"

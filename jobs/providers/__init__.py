@@ -27,11 +27,15 @@ def create(
     if name == "fal":
         from .fal import FalProvider
         from .http import RateGate, make_client
+        from .jwks import JwksCache
 
+        client = make_client()
         return FalProvider(
             queue_url=settings.fal_queue_url,
             key=settings.fal_key,
-            client=make_client(),
+            client=client,
+            keys=JwksCache(settings.fal_jwks_url, client),
+            account=settings.fal_user_id,
             gate=RateGate(on_wait=on_rate_wait),
         )
     raise ConfigError(f"unknown provider {name!r}; this version knows {', '.join(NAMES)}")

@@ -67,20 +67,36 @@ class Submitted:
 @dataclass(frozen=True)
 class WebhookDelivery:
     """A verified webhook: which request it is about, what it says, the provider account
-    that sent it (signed), and our job id and attempt number if the callback URL carried
-    them."""
+    that sent it, and our job id and attempt number if the callback URL carried them.
+
+    ``user_id`` is the signed account id when the provider names one in a delivery (fal);
+    ``None`` when the signature itself proves the delivery is ours (Replicate signs with a
+    secret of our own account). ``delivery_id`` is the provider's id of the message, the
+    same across its retries (Replicate's ``webhook-id``), when it has one."""
 
     request_id: str
     observation: Observation
-    user_id: str
+    user_id: str | None
     job_id: str | None = None
     attempt: int | None = None
+    delivery_id: str | None = None
+
+
+class WebhookUnavailable(Exception):
+    """A callback cannot be verified now (say the signing keys are unreachable): the
+    receiver fails closed with a retryable answer and the provider delivers again."""
 
 
 class Provider(Protocol):
-    """The operations ``jobs`` needs from a remote queue API (async; one implementation)."""
+    """The operations ``jobs`` needs from a remote queue API (async; one class per API).
+
+    Adding a provider is a class here and a line in :func:`jobs.providers.create`: the
+    manager, the store and the web layer only speak this protocol."""
 
     name: str
+    # The account its webhooks must come from when configured (``JOBS_FAL_USER_ID``), else
+    # None: learned from the first callback for a request we submitted.
+    account: str | None
 
     def check(self, request: SubmitRequest) -> None:
         """Raise ``ConfigError`` for a request that cannot be sent (bad id, no credentials),
@@ -114,6 +130,20 @@ class Provider(Protocol):
     def track_ref(self, application: str, request_id: str) -> RemoteRef:
         """:meth:`ref_for` for a request named by a user (``jobsctl track``): raises
         ``ConfigError`` for an application or request id that cannot name one."""
+        ...
+
+    async def parse_webhook(
+        self,
+        headers: Mapping[str, str],
+        body: bytes,
+        *,
+        now: float,
+        job_id: str | None = None,
+        attempt: int | None = None,
+    ) -> WebhookDelivery:
+        """Verify a callback and read it. ``job_id`` and ``attempt`` come from the callback
+        URL. Raises ``SignatureError`` (not authentic), ``ValueError`` (authentic but
+        unreadable) or :class:`WebhookUnavailable` (cannot verify now)."""
         ...
 
     async def close(self) -> None: ...

@@ -32,9 +32,17 @@ from ..errors import (
     ProviderUnavailable,
 )
 from ..states import FailureReason, State
-from .base import Observation, RemoteRef, SubmitRequest, Submitted, WebhookDelivery
+from .base import (
+    Observation,
+    RemoteRef,
+    SubmitRequest,
+    Submitted,
+    WebhookDelivery,
+    WebhookUnavailable,
+)
 from .http import RETRY_STATUSES, RateGate, RetryPolicy, never_sent, parse_retry_after
-from .signatures import FAL_USER_ID, verify_fal
+from .jwks import JwksCache
+from .signatures import FAL_USER_ID, SignatureError, verify_fal
 
 NAMESPACES = ("workflows", "comfy")
 PRIORITIES = ("normal", "low")
@@ -365,6 +373,8 @@ class FalProvider:
         queue_url: str,
         key: Secret | None,
         client: httpx.AsyncClient,
+        keys: JwksCache | None = None,
+        account: str | None = None,
         retry: RetryPolicy | None = None,
         gate: RateGate | None = None,
         sleep: Sleep = asyncio.sleep,
@@ -372,6 +382,8 @@ class FalProvider:
         self.queue_url = queue_url.rstrip("/")
         self._key = key
         self._client = client
+        self.keys = keys
+        self.account = account
         self._retry = retry or RetryPolicy()
         self.gate = gate or RateGate(sleep=sleep, max_pause=self._retry.max_retry_after)
         self.gate.max_pause = min(self.gate.max_pause, self._retry.max_retry_after)
@@ -578,5 +590,31 @@ class FalProvider:
             status_code=response.status_code,
         )
 
+    async def parse_webhook(
+        self,
+        headers: Mapping[str, str],
+        body: bytes,
+        *,
+        now: float,
+        job_id: str | None = None,
+        attempt: int | None = None,
+    ) -> WebhookDelivery:
+        """Verify a callback against fal's published keys (docs/protocol.md §11) and read it.
+
+        A signature that matches no cached key triggers one (rate-limited) refetch and a
+        second verification, so a key rotation costs at most one rejected delivery per key."""
+        if self.keys is None:
+            raise WebhookUnavailable("no JWKS URL is configured for fal's signing keys")
+        keys = await self.keys.keys()
+        try:
+            return parse_webhook(headers, body, keys, now, job_id=job_id, attempt=attempt)
+        except SignatureError:
+            if not await self.keys.refresh_after_miss(keys):
+                raise
+        keys = await self.keys.keys()
+        return parse_webhook(headers, body, keys, now, job_id=job_id, attempt=attempt)
+
     async def close(self) -> None:
+        if self.keys is not None:
+            await self.keys.aclose()
         await self._client.aclose()

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from .base import WebhookUnavailable
 from .signatures import fal_public_keys
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ REFRESH_INTERVAL = 60.0
 FETCH_TIMEOUT = 10.0  # seconds for a whole fetch
 
 
-class JwksUnavailable(Exception):
+class JwksUnavailable(WebhookUnavailable):
     """No signing key is known and the JWKS URL could not provide one."""
 
 

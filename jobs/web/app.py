@@ -11,14 +11,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 
-import httpx
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
 from ..config import Secret, Settings
 from ..manager import AsyncJobManager
 from ..metrics import WEBHOOKS
-from ..providers.jwks import JwksCache
 from .api import SUBMIT_PATH, JobsApi
 from .errors import exception_handlers
 from .files import JobFiles
@@ -29,10 +27,9 @@ from .pages import Pages
 from .reads import JobReads
 from .retries import Retries
 from .session import SessionAuth
-from .webhooks import FAL_PATH, FalWebhooks
+from .webhooks import WEBHOOK_PATHS, Webhooks
 
 DEFAULT_BODY_LIMIT = 2 * 1024 * 1024
-JWKS_TIMEOUT = httpx.Timeout(10.0)
 
 LifespanHook = tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]
 
@@ -62,8 +59,8 @@ def served_hosts(settings: Settings, bind_host: str | None = None) -> ServedHost
 
 
 def _count_too_large(path: str) -> None:
-    if path == FAL_PATH:
-        WEBHOOKS.labels("fal", "too_large").inc()
+    if path in WEBHOOK_PATHS:
+        WEBHOOKS.labels(WEBHOOK_PATHS[path], "too_large").inc()
 
 
 def create_app(
@@ -72,21 +69,15 @@ def create_app(
     settings: Settings,
     lifespan_hooks: Sequence[LifespanHook] = (),
     body_limit: int = DEFAULT_BODY_LIMIT,
-    jwks: JwksCache | None = None,
     bind_host: str | None = None,
 ) -> Starlette:
     """The HTTP API, webhook receiver, metrics and dashboard around ``manager``.
 
     ``lifespan_hooks`` are ``(startup, shutdown)`` pairs: started in order when the app
-    starts, the started ones shut down in reverse order when it stops. Without ``jwks`` the
-    app fetches fal's keys from ``settings.fal_jwks_url`` with a client of its own, closed
-    at shutdown. The job API and dashboard answer to ``localhost``, the loopback and other
-    IP addresses, ``bind_host``, ``JOBS_PUBLIC_URL``'s host and ``JOBS_ALLOWED_HOSTS``.
+    starts, the started ones shut down in reverse order when it stops. The job API and
+    dashboard answer to ``localhost``, the loopback and other IP addresses, ``bind_host``,
+    ``JOBS_PUBLIC_URL``'s host and ``JOBS_ALLOWED_HOSTS``.
     """
-    own_client: httpx.AsyncClient | None = None
-    if jwks is None:
-        own_client = httpx.AsyncClient(timeout=JWKS_TIMEOUT)
-        jwks = JwksCache(settings.fal_jwks_url, own_client)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -99,9 +90,6 @@ def create_app(
         finally:
             for shutdown in reversed(shutdowns):
                 await shutdown()
-            await jwks.aclose()
-            if own_client is not None:
-                await own_client.aclose()
 
     secrets: list[Secret] = [s for s in (settings.fal_key, settings.api_token) if s is not None]
     middleware = [
@@ -110,7 +98,7 @@ def create_app(
         Middleware(
             BodySizeLimit,
             limit=body_limit,
-            paths={FAL_PATH, SUBMIT_PATH},
+            paths={*WEBHOOK_PATHS, SUBMIT_PATH},
             on_reject=_count_too_large,
         ),
         Middleware(HostCheck, hosts=served_hosts(settings, bind_host), guarded=host_checked),
@@ -122,7 +110,7 @@ def create_app(
         *JobsApi(manager, public_url=settings.public_url).routes(),
         *JobReads(manager).routes(),
         *Retries(manager).routes(),
-        *FalWebhooks(manager, jwks).routes(),
+        *Webhooks(manager).routes(),
         *Ops(manager).routes(),
         *JobFiles(manager).routes(),
         *Pages(manager, token=settings.api_token, public_url=settings.public_url).routes(),

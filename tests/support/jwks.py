@@ -8,6 +8,9 @@ from typing import Any
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from jobs.manager import AsyncJobManager
+from jobs.providers.fal import FalProvider
+from jobs.providers.jwks import JwksCache
 from jobs.providers.signatures import public_jwk
 
 
@@ -42,3 +45,11 @@ class JwksServer:
             return httpx.Response(200, json=self.body)
         jwks = {"keys": [public_jwk(k, f"k{i}") for i, k in enumerate(self.keys)]}
         return httpx.Response(200, json=jwks)
+
+
+def use_keys(manager: AsyncJobManager, keys: JwksCache) -> AsyncJobManager:
+    """``manager``, its fal provider verifying webhooks against ``keys`` (a test's JWKS)."""
+    provider = manager.provider("fal")
+    assert isinstance(provider, FalProvider)
+    provider.keys = keys
+    return manager

@@ -14,6 +14,8 @@ from jobs.manager import AsyncJobManager
 from jobs.providers.jwks import JwksCache
 from jobs.web import create_app
 
+from .jwks import use_keys
+
 START_TIMEOUT = 10.0
 
 
@@ -30,7 +32,7 @@ async def live_app(
     try:
         async with httpx.AsyncClient(trust_env=False) as keys_client:
             jwks = JwksCache(f"{fal_url}/.well-known/jwks.json", keys_client)
-            app = create_app(manager, settings=manager.settings, jwks=jwks)
+            app = create_app(use_keys(manager, jwks), settings=manager.settings)
             config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
             server = uvicorn.Server(config)
             task = asyncio.create_task(server.serve(sockets=[sock]))
