@@ -35,6 +35,8 @@ class SubmitRequest:
     webhook_url: str | None = None
     # fal: how long the request may wait to start (queue, runner, retries), in seconds
     start_timeout: float | None = None
+    # Replicate: a deadline in seconds (``Cancel-After``); aborted if not started by then
+    cancel_after: float | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,20 @@ class WebhookDelivery:
     delivery_id: str | None = None
 
 
+@dataclass(frozen=True)
+class Lookup:
+    """What the provider could find out about a submit whose reply was lost.
+
+    ``submitted`` is the request the submit made, when found; with ``certain`` and nothing
+    found, the submit provably never arrived (safe to send again); without ``certain``
+    nobody can tell (no way to list requests, or the listing failed) and the ambiguous
+    policy decides."""
+
+    submitted: Submitted | None
+    certain: bool
+    detail: str = ""
+
+
 class WebhookUnavailable(Exception):
     """A callback cannot be verified now (say the signing keys are unreachable): the
     receiver fails closed with a retryable answer and the provider delivers again."""
@@ -112,6 +128,11 @@ class Provider(Protocol):
         ...
 
     async def submit(self, request: SubmitRequest) -> Submitted: ...
+
+    async def find_submitted(self, request: SubmitRequest, *, job_id: str, since: float) -> Lookup:
+        """Look for the request a lost submit of ``request`` (for our job ``job_id``, sent
+        no earlier than ``since``, Unix seconds) may have made."""
+        ...
 
     async def status(self, ref: RemoteRef, *, logs: bool = True) -> Observation: ...
 

@@ -33,6 +33,7 @@ from ..errors import (
 )
 from ..states import FailureReason, State
 from .base import (
+    Lookup,
     Observation,
     RemoteRef,
     SubmitRequest,
@@ -159,6 +160,8 @@ def check_request(request: SubmitRequest) -> None:
         _plain_segments("path", request.path)
     if request.hint:
         _sendable("hint", request.hint)
+    if request.cancel_after is not None:
+        raise ConfigError("fal has no cancel-after deadline; use a start timeout instead")
     submit_headers(request)
     try:
         json.dumps(request.arguments, allow_nan=False, ensure_ascii=False).encode()
@@ -538,6 +541,11 @@ class FalProvider:
                 )
             await self._sleep(0 if code == 429 else self._retry.delay(attempt, retry_after))
         raise AssertionError("unreachable: the loop returns or raises")
+
+    async def find_submitted(self, request: SubmitRequest, *, job_id: str, since: float) -> Lookup:
+        # fal's queue API cannot list requests (docs/protocol.md): only a webhook naming
+        # the job, or the ambiguous policy, can settle a lost submit.
+        return Lookup(None, certain=False, detail="fal cannot list the requests it received")
 
     async def status(self, ref: RemoteRef, *, logs: bool = True) -> Observation:
         url = ref.status_url or self.ref_for(ref.application, ref.request_id).status_url
