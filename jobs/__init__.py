@@ -26,8 +26,8 @@ from .errors import (
 from .events import Completed, InProgress, Queued, Status
 from .handles import AsyncJobHandle, SyncJobHandle
 from .manager import AsyncJobManager, JobManager
+from .records import Job
 from .states import FailureReason, State
-from .store import Job
 from .uploads import Uploaded, encode, encode_file, encode_image
 
 __all__ = [

@@ -50,9 +50,9 @@ from rich.progress import (
 from rich.text import Text
 
 from .manager import AsyncJobManager
+from .records import Job, NewJob
 from .results import SavedFile, find_files
 from .states import ACTIVE, State
-from .store import Job, NewJob
 
 log = logging.getLogger(__name__)
 

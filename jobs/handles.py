@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .events import Status
-from .store import Job
+from .records import Job
 
 if TYPE_CHECKING:
     from .manager import AsyncJobManager, JobManager

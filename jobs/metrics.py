@@ -31,7 +31,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .store import Overview
+from .records import Overview
 
 # ``_created`` doubles the series of every counter and histogram for a timestamp no
 # dashboard here uses.

@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # kept out of the import, so `jobs --help` can show the defau
     from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
     from .manager import AsyncJobManager
-    from .store import Claimed, Job
+    from .records import Claimed, Job
 
 log = logging.getLogger(__name__)
 

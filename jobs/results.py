@@ -54,7 +54,8 @@ from .config import (
 from .egress import AddressPolicy, GuardedResolver, refusal_in
 from .errors import ConfigError
 from .providers.http import RETRY_STATUSES, RetryPolicy, make_client, parse_retry_after
-from .store import JobFile, NewFile, Store, iso
+from .records import JobFile, NewFile, iso
+from .store import Store
 
 log = logging.getLogger(__name__)
 

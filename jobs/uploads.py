@@ -42,7 +42,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .durations import parse_lifetime
 from .errors import ConfigError, ProviderProtocolError, ProviderRejected, UploadError
-from .store import NewUpload, Store, UploadRecord
+from .records import NewUpload, UploadRecord
+from .store import Store
 
 if TYPE_CHECKING:
     from .providers.fal_cdn import FalCdn

@@ -11,13 +11,13 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..store import short_id
+from ..records import short_id
 
 if TYPE_CHECKING:
     from rich.status import Status
 
     from ..manager import AsyncJobManager
-    from ..store import Job
+    from ..records import Job
 
 TICK = 1.0  # seconds between redraws of the elapsed time
 

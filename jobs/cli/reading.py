@@ -29,8 +29,8 @@ from .submitting import JOB_COLUMNS
 
 if TYPE_CHECKING:
     from ..manager import AsyncJobManager
+    from ..records import Job
     from ..states import State
-    from ..store import Job
 
 LOG_TAIL = 20  # log lines `show` prints
 

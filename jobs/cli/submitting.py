@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..store import short_id
+from ..records import short_id
 from .base import (
     DURATION,
     ENV_DB,
@@ -33,7 +33,7 @@ from .base import (
 
 if TYPE_CHECKING:
     from ..manager import AsyncJobManager
-    from ..store import Job
+    from ..records import Job
 
 JOB_COLUMNS = ("short_id", "state", "application", "batch", "request_id", "created_at")
 
@@ -283,7 +283,7 @@ def run_(
         return await manager.result(job.id)
 
     outcome = run(action)
-    from ..store import Job
+    from ..records import Job
 
     if isinstance(outcome, Job):  # never queued: say why, exit 1
         emit(outcome.to_dict())

@@ -19,8 +19,8 @@ from starlette.routing import Route
 
 from ..errors import ConfigError, JobFailed
 from ..manager import AsyncJobManager
+from ..records import Job, check_column_text, column_length
 from ..states import FailureReason, State
-from ..store import Job, check_column_text, column_length
 from .errors import InvalidRequest, error_response
 from .params import int_param, state_param
 

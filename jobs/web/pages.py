@@ -42,9 +42,9 @@ from ..errors import (
     NotRetryable,
 )
 from ..manager import AsyncJobManager, detection_lag
+from ..records import Job, JobFile, iso, short_id
 from ..results import find_files
 from ..states import State
-from ..store import Job, JobFile, iso, short_id
 from .errors import InvalidRequest
 from .files import JobFiles
 from .openapi import document

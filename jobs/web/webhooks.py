@@ -39,7 +39,7 @@ from ..metrics import WEBHOOKS
 from ..providers import NAMES
 from ..providers.base import WebhookUnavailable
 from ..providers.signatures import SignatureError
-from ..store import Delivered
+from ..records import Delivered
 from .errors import error_response
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,433 @@
+"""The records ``jobs`` reads and writes: a job, what creating one needs, what applying a
+change did, files, batches, uploads. Plain values with no SQL, so the web layer, the CLI
+and the result cache import them without the store; :mod:`jobs.store` reads and writes
+them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    Row,
+    Table,
+)
+
+from .db import (
+    jobs,
+)
+from .errors import ConfigError
+from .providers.base import RemoteRef
+from .states import State
+
+# Labels are stored as JSON: these bound what one job can make the database hold.
+MAX_LABELS = 64
+MAX_LABEL_KEY = 64
+MAX_LABEL_VALUE = 255
+
+
+def new_job_id() -> str:
+    """32 hex chars: milliseconds since the epoch, then randomness, so ids sort by creation."""
+    return f"{int(time.time() * 1000):012x}{secrets.token_hex(10)}"
+
+
+# Jobs made in the same second share the id's leading timestamp digits; what tells them apart
+# for a person is the random part, of which the short id is the first 10 characters (40 bits:
+# one collision in about 2,000 among a million jobs, and a collision only asks for more).
+SHORT_ID_START = 12
+SHORT_ID_LENGTH = 10
+MIN_PREFIX = 6
+
+
+def short_id(job_id: str) -> str:
+    """The part of a job id shown to people (tables, the dashboard); it names the job too."""
+    return job_id[SHORT_ID_START : SHORT_ID_START + SHORT_ID_LENGTH]
+
+
+def is_id_prefix(ref: str) -> bool:
+    """Could ``ref`` be a prefix of an id or of a short id (lower-case hex, long enough)?"""
+    return MIN_PREFIX <= len(ref) < 32 and all(c in "0123456789abcdef" for c in ref)
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row of the ``jobs`` table."""
+
+    id: str
+    provider: str
+    application: str
+    path: str | None
+    arguments: Any
+    request_id: str | None
+    gateway_request_id: str | None
+    status_url: str | None
+    response_url: str | None
+    cancel_url: str | None
+    state: State
+    failure_reason: str | None
+    error: Any
+    priority: str | None
+    hint: str | None
+    labels: Any
+    batch: str | None
+    batch_index: int | None
+    idempotency_key: str | None
+    webhook: bool
+    download_files: bool
+    queue_position: int | None
+    metrics: Any
+    attempts: int
+    polls: int
+    poll_interval: float | None
+    next_poll_at: float | None
+    lease_owner: str | None
+    lease_expires_at: float | None
+    created_at: float
+    updated_at: float
+    submitted_at: float | None
+    started_at: float | None
+    finished_at: float | None
+    last_change_at: float | None
+    cancel_requested_at: float | None
+    retry_of: str | None
+    tracked: bool
+    start_timeout: float | None
+
+    @classmethod
+    def from_row(cls, row: Row[Any] | Mapping[str, Any]) -> Job:
+        if isinstance(row, Row):
+            # By position: building a mapping per row cost more than the query (a claim
+            # reads a thousand rows).
+            positions = _job_positions(row._fields)
+            values = [row[i] for i in positions]
+        else:
+            values = [row[name] for name in _JOB_FIELDS]
+        values[_STATE_AT] = State(values[_STATE_AT])
+        return cls(*values)
+
+    @property
+    def terminal(self) -> bool:
+        return self.state.terminal
+
+    def ref(self) -> RemoteRef:
+        if self.request_id is None:
+            raise ValueError(f"job {self.id} has no request_id yet")
+        return RemoteRef(
+            application=self.application,
+            request_id=self.request_id,
+            status_url=self.status_url,
+            response_url=self.response_url,
+            cancel_url=self.cancel_url,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The public JSON shape (``jobs status``, ``GET /v1/jobs/{id}``)."""
+        return {
+            "id": self.id,
+            "short_id": short_id(self.id),
+            "provider": self.provider,
+            "application": self.application,
+            "path": self.path,
+            "request_id": self.request_id,
+            "state": self.state.value,
+            "failure_reason": self.failure_reason,
+            "error": self.error,
+            "queue_position": self.queue_position,
+            "priority": self.priority,
+            "hint": self.hint,
+            "labels": self.labels or {},
+            "batch": self.batch,
+            "batch_index": self.batch_index,
+            "idempotency_key": self.idempotency_key,
+            "webhook": self.webhook,
+            "status_url": self.status_url,
+            "response_url": self.response_url,
+            "cancel_url": self.cancel_url,
+            "metrics": self.metrics,
+            "polls": self.polls,
+            "attempts": self.attempts,
+            "retry_of": self.retry_of,
+            "tracked": self.tracked,
+            "created_at": iso(self.created_at),
+            "submitted_at": iso(self.submitted_at),
+            "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at),
+            "updated_at": iso(self.updated_at),
+        }
+
+
+_JOB_FIELDS = tuple(f for f in Job.__dataclass_fields__)
+_STATE_AT = _JOB_FIELDS.index("state")
+
+
+@functools.cache
+def _job_positions(columns: tuple[str, ...]) -> tuple[int, ...]:
+    """Where each Job field sits in a result with these columns."""
+    return tuple(columns.index(name) for name in _JOB_FIELDS)
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """What a caller asks to submit."""
+
+    application: str
+    arguments: Any
+    provider: str = "fal"
+    path: str | None = None
+    priority: str | None = None
+    hint: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    batch: str | None = None
+    batch_index: int | None = None
+    idempotency_key: str | None = None
+    webhook: bool = False
+    download_files: bool = False
+    retry_of: str | None = None
+    start_timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse (``ConfigError`` naming the field) a value its column cannot hold, before
+        anything is recorded: PostgreSQL refuses an over-long ``VARCHAR`` and any NUL."""
+        for name in ("application", "path", "priority", "hint", "batch", "idempotency_key"):
+            check_column_text(name, getattr(self, name))
+        if len(self.labels) > MAX_LABELS:
+            raise ConfigError(f"labels: {len(self.labels)} labels, the most is {MAX_LABELS}")
+        for key, value in self.labels.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise ConfigError("labels: keys and values must be strings")
+            _check_text(f"label {key[:40]!r}", key, MAX_LABEL_KEY)
+            _check_text(f"label {key[:40]!r}", value, MAX_LABEL_VALUE)
+
+
+def column_length(name: str, table: Table = jobs) -> int:
+    """The ``VARCHAR`` length of ``<table>.<name>`` (jobs/db.py; ``jobs`` by default)."""
+    length = getattr(table.c[name].type, "length", None)
+    assert isinstance(length, int), f"{table.name}.{name} is not a VARCHAR column"
+    return length
+
+
+def check_column_text(name: str, value: str | None) -> None:
+    """``ConfigError`` unless ``value`` fits the ``jobs.<name>`` column (or is None)."""
+    if value is not None:
+        _check_text(name, value, column_length(name))
+
+
+def _storable(value: str, column: str) -> bool:
+    """Whether a ``jobs.<column>`` value could equal ``value`` (PostgreSQL refuses NUL)."""
+    return "\x00" not in value and len(value) <= column_length(column)
+
+
+def _check_text(name: str, value: str, limit: int) -> None:
+    if "\x00" in value:
+        raise ConfigError(f"{name} holds a NUL character")
+    if len(value) > limit:
+        raise ConfigError(f"{name} is {len(value)} characters long; the most is {limit}")
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What :meth:`Store.apply` did."""
+
+    job: Job
+    previous: State
+    changed: bool  # the state moved
+
+    @property
+    def finished(self) -> bool:
+        return self.changed and self.job.terminal
+
+
+@dataclass(frozen=True)
+class Claimed:
+    job: Job
+    took_over: bool  # the lease belonged to another (presumably dead) owner
+
+
+@dataclass(frozen=True)
+class NewFile:
+    """A file found in a job's result, to be downloaded (see :mod:`jobs.results`)."""
+
+    n: int
+    url: str
+    json_path: str | None = None
+    file_name: str | None = None
+    content_type: str | None = None
+
+
+@dataclass(frozen=True)
+class JobFile:
+    """One row of ``job_files``: state ``pending``, ``downloaded`` or ``failed``."""
+
+    job_id: str
+    n: int
+    url: str
+    json_path: str | None
+    file_name: str | None
+    content_type: str | None
+    size: int | None
+    sha256: str | None
+    state: str
+    error: str | None
+    stored_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            "url": self.url,
+            "json_path": self.json_path,
+            "file_name": self.file_name,
+            "content_type": self.content_type,
+            "size": self.size,
+            "sha256": self.sha256,
+            "state": self.state,
+            "error": self.error,
+            "stored_at": iso(self.stored_at),
+        }
+
+
+@dataclass(frozen=True)
+class GcBatch:
+    """What :meth:`Store.gc_batch` removed from the database."""
+
+    job_ids: list[str]
+    results: int
+    result_bytes: int
+    files: list[JobFile]
+
+
+@dataclass(frozen=True)
+class BatchProgress:
+    """How far a batch has come: jobs per state, when it started and when a job last finished."""
+
+    name: str
+    counts: dict[State, int]
+    started_at: float
+    last_finished_at: float | None
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def done(self) -> int:
+        return sum(n for state, n in self.counts.items() if state.terminal)
+
+    @property
+    def active(self) -> bool:
+        return self.done < self.total
+
+    def rate(self, now: float) -> float | None:
+        """Jobs finished per second since the batch's first job was recorded."""
+        end = now if self.active else (self.last_finished_at or now)
+        elapsed = end - self.started_at
+        return self.done / elapsed if self.done and elapsed > 0 else None
+
+    def eta(self, now: float) -> float | None:
+        """Seconds until every job is finished at the rate so far (None: no rate yet)."""
+        rate = self.rate(now)
+        if not self.active:
+            return 0.0
+        return (self.total - self.done) / rate if rate else None
+
+    def to_dict(self, now: float) -> dict[str, Any]:
+        """The public JSON shape (``GET /v1/batches``)."""
+        return {
+            "name": self.name,
+            "total": self.total,
+            "done": self.done,
+            "counts": {state.value: self.counts.get(state, 0) for state in State},
+            "started_at": iso(self.started_at),
+            "last_finished_at": iso(self.last_finished_at),
+            "rate_per_second": self.rate(now),
+            "eta_seconds": self.eta(now),
+        }
+
+
+@dataclass(frozen=True)
+class Overview:
+    """Database-wide figures for the dashboard and the metrics, read in one transaction."""
+
+    counts: dict[State, int]
+    failures: dict[str, int]  # failed jobs by failure reason
+    oldest_active: Job | None  # the unfinished job recorded first
+    due: int  # active jobs whose next poll time has passed
+    finished: int
+    # Remote requests (submit attempts and status polls) spent on the finished jobs.
+    finished_requests: int
+    leases: dict[str, int]  # unexpired poll leases by owner (replica)
+
+    @property
+    def requests_per_finished(self) -> float | None:
+        return self.finished_requests / self.finished if self.finished else None
+
+
+@dataclass(frozen=True)
+class NewUpload:
+    """What :meth:`Store.begin_upload` / :meth:`Store.finish_upload` record of an upload."""
+
+    sha256: str
+    size: int
+    content_type: str
+    file_name: str | None
+    lifecycle_seconds: int | None
+    part_size: int | None = None
+    multipart_id: str | None = None
+    access_url: str | None = None
+
+
+@dataclass(frozen=True)
+class UploadRecord:
+    """One row of the ``uploads`` table."""
+
+    id: str
+    sha256: str
+    size: int
+    content_type: str
+    file_name: str | None
+    state: str
+    url: str | None
+    multipart_id: str | None
+    access_url: str | None
+    part_size: int | None
+    lifecycle_seconds: int | None
+    created_at: float
+    uploaded_at: float | None
+    expires_at: float | None
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> UploadRecord:
+        return cls(**{f.name: row._mapping[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
+class DuplicateRequest:
+    """A second remote request found for one job: ``job`` keeps its request id (None
+    when it ended without one), ``request_id`` is the surplus one; ``active`` when it may
+    still run remotely."""
+
+    job: Job
+    request_id: str
+    active: bool
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """What a webhook did: ``applied`` when it reached a job; otherwise ``refused`` says why
+    not (``unknown``, ``foreign``, ``unverified``, ``duplicate_request``)."""
+
+    applied: Applied | None = None
+    refused: str | None = None
+    duplicate: DuplicateRequest | None = None
