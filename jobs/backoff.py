@@ -8,7 +8,8 @@ after completion, so a job that may have finished is polled again before they ex
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, field
 
 INITIAL = 1.0
 FACTOR = 1.5
@@ -76,3 +77,31 @@ def next_poll(
         spread = 1 + policy.jitter * (2 * rand - 1)
     delay = min(interval * spread, policy.retention_cap)
     return NextPoll(delay=delay, interval=interval, reason=reason)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """The backoff decision handed to a state change: the policy and one jitter draw.
+
+    The store applies a change in a transaction, with the job as it is there; it asks
+    :meth:`after` when to poll next. Being a value (no callback into the caller), it
+    decides from what the row says and nothing else."""
+
+    policy: PollPolicy
+    rand: float = field(default_factory=random.random)
+
+    def after(
+        self,
+        *,
+        previous: float | None,
+        changed: bool,
+        webhook: bool,
+        needs_result: bool,
+        now: float,
+    ) -> tuple[float, float]:
+        """``(next poll at, interval)`` after an observation; at once when the outcome must
+        still be fetched (``needs_result``)."""
+        step = next_poll(
+            self.policy, previous=previous, changed=changed, webhook=webhook, rand=self.rand
+        )
+        return now + (0.0 if needs_result else step.delay), step.interval

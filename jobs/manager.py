@@ -30,7 +30,7 @@ from collections.abc import (
 )
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from .backoff import NextPoll, PollPolicy, next_poll
+from .backoff import Backoff, NextPoll, PollPolicy, next_poll
 from .config import Settings, decimal
 from .errors import (
     BatchNotFound,
@@ -710,7 +710,7 @@ class AsyncJobManager:
             step = self._next_poll(
                 previous=job.poll_interval,
                 changed=False,
-                webhook=_safety_net(job),
+                webhook=job.safety_net,
                 retry_after=retry_after,
                 failed=True,
             )
@@ -728,22 +728,11 @@ class AsyncJobManager:
 
     async def apply(self, job: Job, observation: Observation) -> Applied:
         """Apply an observation to a job through the store's compare-and-set (batched)."""
-        change = Change(observation, job_id=job.id, schedule=self._schedule)
+        change = Change(observation, job_id=job.id, backoff=Backoff(self.poll_policy))
         applied = await self.writer.write(change)
         if applied is None:
             raise JobNotFound(job.id)
         return self._after_apply(applied)
-
-    def _schedule(self, job: Job, observation: Observation) -> tuple[float | None, float | None]:
-        """When to poll ``job`` next after ``observation`` (called inside the transaction,
-        with the job as it is there, not as some earlier read saw it)."""
-        changed = (
-            observation.state is not job.state or observation.queue_position != job.queue_position
-        )
-        step = self._next_poll(
-            previous=job.poll_interval, changed=changed, webhook=_safety_net(job)
-        )
-        return time.time() + (0.0 if observation.needs_result else step.delay), step.interval
 
     def _next_poll(
         self,
@@ -809,7 +798,7 @@ class AsyncJobManager:
             job_id=delivery.job_id,
             attempt=delivery.attempt,
             account=remote.account,
-            schedule=self._schedule,
+            backoff=Backoff(self.poll_policy),
         )
         delivered = await self.writer.write(callback)
         if delivered.duplicate is not None:
@@ -1120,13 +1109,6 @@ def detection_lag(job: Job) -> float | None:
     if job.finished_at is None or job.started_at is None or not isinstance(run, int | float):
         return None
     return max(0.0, job.finished_at - (job.started_at + float(run)))
-
-
-def _safety_net(job: Job) -> bool:
-    """Whether polls are only the webhook's safety net (slow). Not after a cancel request:
-    fal sends no webhook for a cancelled request, so it is polled like a fresh job until
-    it ends."""
-    return job.webhook and job.cancel_requested_at is None
 
 
 def _needs_send(job: Job, created: bool) -> bool:

@@ -119,6 +119,13 @@ class Job:
         return cls(*values)
 
     @property
+    def safety_net(self) -> bool:
+        """Whether polls are only the webhook's safety net (slow). Not after a cancel
+        request: fal sends no webhook for a cancelled request, so it is polled like a fresh
+        job until it ends."""
+        return self.webhook and self.cancel_requested_at is None
+
+    @property
     def terminal(self) -> bool:
         return self.state.terminal
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
+from jobs.backoff import Backoff, PollPolicy
 from jobs.errors import JobNotFound
 from jobs.providers.base import Observation, RemoteRef, Submitted
 from jobs.states import State
@@ -67,13 +68,14 @@ async def test_one_bad_change_fails_alone(store: CountingStore) -> None:
     ids = _queued(store, 3)
     writer = GroupWriter(store)
 
-    def boom(job: object, obs: Observation) -> tuple[float | None, float | None]:
-        raise ValueError("bad schedule")
+    class Boom(Backoff):
+        def after(self, **facts: Any) -> tuple[float, float]:
+            raise ValueError("bad schedule")
 
     running = Observation(state=State.IN_PROGRESS)
     results = await asyncio.gather(
         writer.write(Change(running, job_id=ids[0])),
-        writer.write(Change(running, job_id=ids[1], schedule=boom)),
+        writer.write(Change(running, job_id=ids[1], backoff=Boom(PollPolicy()))),
         writer.write(Change(running, job_id=ids[2])),
         writer.write(Change(running, request_id="unknown")),
         return_exceptions=True,

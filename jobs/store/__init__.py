@@ -44,7 +44,6 @@ from .transitions import (
     Callback,
     Change,
     MarkSubmitted,
-    Schedule,
     Write,
 )
 
@@ -72,7 +71,6 @@ __all__ = [
     "NewJob",
     "NewUpload",
     "Overview",
-    "Schedule",
     "Store",
     "UploadRecord",
     "Write",

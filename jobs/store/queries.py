@@ -30,6 +30,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.selectable import Select
 
+from ..backoff import Backoff
 from ..db import (
     job_events,
     job_logs,
@@ -59,7 +60,6 @@ from .transitions import (
     BeginSubmit,
     Change,
     MarkSubmitted,
-    Schedule,
     Write,
     _account,
     _attempt_over,
@@ -374,12 +374,12 @@ class Store(FileQueries):
         next_poll_at: float | None = None,
         poll_interval: float | None = None,
         only_from: Sequence[State] | None = None,
-        schedule: Schedule | None = None,
+        backoff: Backoff | None = None,
         now: float | None = None,
     ) -> Applied:
         """The one place observations change jobs (polls, webhooks, submits, results).
 
-        ``next_poll_at``/``poll_interval``, or ``schedule(current job, obs)``, say when an
+        ``next_poll_at``/``poll_interval``, or ``backoff`` (decided on the current row), say when an
         active job is polled next; ``only_from`` narrows the states the change may start from.
         """
         change = Change(
@@ -388,7 +388,7 @@ class Store(FileQueries):
             next_poll_at=next_poll_at,
             poll_interval=poll_interval,
             only_from=tuple(only_from) if only_from is not None else None,
-            schedule=schedule,
+            backoff=backoff,
         )
         [applied] = self.apply_many([change], now=now)
         if applied is None:

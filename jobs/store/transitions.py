@@ -5,13 +5,14 @@ is given, so :class:`jobs.writer.GroupWriter` can commit many in one transaction
 changes follow :mod:`jobs.states`: an ``UPDATE … WHERE state = <the state we read>`` that
 applies only when :func:`jobs.states.can_transition` allows it, so a late or repeated
 observation never moves a job backwards and a result is written once. When to poll next
-is decided by the caller's :data:`Schedule`, a pure function of the job and what was seen.
+is decided by the change's :class:`jobs.backoff.Backoff`, from the row as the transaction
+sees it.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -27,6 +28,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.selectable import Exists
 
+from ..backoff import Backoff
 from ..db import (
     job_events,
     job_logs,
@@ -131,9 +133,6 @@ class MarkSubmitted:
         return job
 
 
-Schedule = Callable[[Job, Observation], tuple[float | None, float | None]]
-
-
 @dataclass(frozen=True)
 class Change:
     """One observation to apply, to a job named by our id or by its request id."""
@@ -145,7 +144,7 @@ class Change:
     next_poll_at: float | None = None
     poll_interval: float | None = None
     # Computes (next_poll_at, poll_interval) from the job as read inside the transaction.
-    schedule: Schedule | None = None
+    backoff: Backoff | None = None
     only_from: tuple[State, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -185,7 +184,7 @@ class Callback:
     job_id: str | None = None
     attempt: int | None = None
     account: str | None = None
-    schedule: Schedule | None = None
+    backoff: Backoff | None = None
 
     def __post_init__(self) -> None:
         _check_ids((("request_id", self.request_id, "request_id"), ("job id", self.job_id, "id")))
@@ -245,7 +244,7 @@ class Callback:
         return Delivered(refused="duplicate_request", duplicate=duplicate)
 
     def _apply(self, conn: Connection, job_id: str, now: float) -> Applied | None:
-        return _apply_one(conn, Change(self.obs, job_id=job_id, schedule=self.schedule), now)
+        return _apply_one(conn, Change(self.obs, job_id=job_id, backoff=self.backoff), now)
 
 
 # --- statement helpers, used inside transactions ------------------------------------------
@@ -285,8 +284,17 @@ def _apply_one(conn: Connection, change: Change, now: float) -> Applied | None:
         )
         if not allowed:
             return Applied(job=current, previous=current.state, changed=False)
-        if change.schedule is not None:
-            next_poll_at, poll_interval = change.schedule(current, obs)
+        next_poll_at: float | None
+        poll_interval: float | None
+        if change.backoff is not None:
+            next_poll_at, poll_interval = change.backoff.after(
+                previous=current.poll_interval,
+                changed=obs.state is not current.state
+                or obs.queue_position != current.queue_position,
+                webhook=current.safety_net,
+                needs_result=obs.needs_result,
+                now=now,
+            )
         else:
             next_poll_at, poll_interval = change.next_poll_at, change.poll_interval
         values = _values_for(current, obs, now, next_poll_at, poll_interval)
