@@ -58,7 +58,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CONCURRENCY = 16  # submits in flight
 WAIT_CONCURRENCY = 32  # polls in flight while ``jobs wait`` drives the batch itself
-WAIT_LEASE = 60.0  # seconds ``jobs wait`` holds a claimed job
 WAIT_PERIOD = 0.25  # seconds between looks at the store while waiting
 EXPORT_CHUNK = 200  # jobs read, downloaded and written per step of an export
 RECORD_CHUNK = 64  # lines recorded per transaction while submitting (at least --concurrency)
@@ -291,7 +290,7 @@ async def _settle(
     since = time.time() - timeout
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not await asyncio.to_thread(manager.store.in_flight, ids, since=since):
+        if not await manager.store.aio.run(manager.store.in_flight, ids, since=since):
             break
         await asyncio.sleep(SETTLE_PERIOD)
     return [(number, await manager.status(job.id)) for number, job in lines.items()]
@@ -363,21 +362,13 @@ async def wait_batch(
     start meanwhile) is terminal, polling due jobs itself under a lease, at most
     ``concurrency`` at a time. Then wait for file downloads this process started."""
     store = manager.store
+    claims = manager.claims
     since = None if batch is not None else time.time()
     deadline = None if timeout is None else time.monotonic() + timeout
-    polls: set[asyncio.Task[None]] = set()
-
-    async def poll(job: Job) -> None:
-        try:
-            await manager.refresh(job)
-        except Exception:  # the lease runs out and the job is due again
-            log.exception("polling job %s failed", job.id)
-
+    polls: set[asyncio.Task[Job | None]] = set()
     try:
         while True:
-            counts = await asyncio.to_thread(
-                store.count_by_state, batch=batch, finished_since=since
-            )
+            counts = await store.aio.run(store.count_by_state, batch=batch, finished_since=since)
             on_progress(counts)
             if not any(counts[s] for s in ACTIVE):
                 break
@@ -385,15 +376,8 @@ async def wait_batch(
                 return WaitResult(counts, timed_out=True)
             room = concurrency - len(polls)
             if room > 0:
-                claimed = await asyncio.to_thread(
-                    store.claim_due,
-                    manager.owner,
-                    limit=room,
-                    lease_seconds=WAIT_LEASE,
-                    batch=batch,
-                )
-                for item in claimed:
-                    task = asyncio.create_task(poll(item.job))
+                for job in await claims.claim_due(room, batch=batch):
+                    task = asyncio.create_task(claims.poll(job))
                     polls.add(task)
                     task.add_done_callback(polls.discard)
             pause = WAIT_PERIOD
@@ -408,7 +392,7 @@ async def wait_batch(
             task.cancel()
         if polls:
             await asyncio.wait(set(polls))
-            await asyncio.to_thread(store.release_leases, manager.owner)
+            await claims.release()
     await manager.files.drain()
     return WaitResult(counts, timed_out=False)
 
@@ -460,7 +444,7 @@ async def export_batch(
     ``results.jsonl`` appears complete or not at all (temp file, rename)."""
     target = Path(out)
     report = ExportReport(batch=batch, out=str(target))
-    jobs = await asyncio.to_thread(manager.store.batch_jobs, batch)
+    jobs = await manager.store.aio.run(manager.store.batch_jobs, batch)
     if not jobs:
         return report
     numbers = {j.batch_index for j in jobs if j.batch_index is not None}
@@ -499,8 +483,8 @@ async def _export_chunk(
     wanted = [j for j in jobs if (download or j.download_files) and j.state is State.SUCCEEDED]
     if wanted:
         await asyncio.gather(*(cache.fetch(j.id) for j in wanted))
-    results = await asyncio.to_thread(store.results_of, ids)
-    files = await asyncio.to_thread(store.files_of, ids)
+    results = await store.aio.run(store.results_of, ids)
+    files = await store.aio.run(store.files_of, ids)
     lines = []
     for job in jobs:
         saved: list[SavedFile] = await asyncio.to_thread(

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import logging
 import os
 import random
-import secrets
-import socket
 import threading
 import time
 from collections.abc import (
@@ -31,7 +28,8 @@ from collections.abc import (
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .backoff import Backoff, NextPoll, PollPolicy, next_poll
-from .config import Settings, decimal
+from .claims import Claims, new_owner
+from .config import Settings
 from .errors import (
     BatchNotFound,
     CancelTooLate,
@@ -90,45 +88,7 @@ T = TypeVar("T")
 AmbiguousDecision = Literal["resubmit", "fail", "wait"]
 log = logging.getLogger(__name__)
 
-WAIT_LEASE = 30.0  # seconds a waiting client holds a job while it polls it
 WATCH_PERIOD = 0.5  # how often a waiter re-reads the store when someone else polls
-
-
-MAX_HOST_IN_OWNER = 40  # leaves room for ":<pid>:<6 hex>" in jobs.lease_owner, VARCHAR(64)
-
-
-def owner_host(hostname: str | None = None) -> str:
-    """This host as written in lease owners: the host name, or for a long one (Kubernetes
-    pod names run to 63 characters and more) its start and a hash, so the owner always fits
-    its column and still names the host uniquely."""
-    name = socket.gethostname() if hostname is None else hostname
-    name = name.replace(":", "_")  # the owner's separator
-    if len(name) <= MAX_HOST_IN_OWNER:
-        return name
-    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-    return f"{name[: MAX_HOST_IN_OWNER - 9]}~{digest}"
-
-
-def _owner_name() -> str:
-    return f"{owner_host()}:{os.getpid()}:{secrets.token_hex(3)}"
-
-
-def dead_local_owner(owner: str | None) -> str | None:
-    """``owner`` if it names a process on this host that no longer runs, else None: its
-    leases can be taken at once instead of waiting for them to expire."""
-    if owner is None:
-        return None
-    host, _, rest = owner.partition(":")
-    pid = rest.partition(":")[0]
-    if host != owner_host() or decimal(pid) is None:
-        return None
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return owner
-    except PermissionError:
-        return None
-    return None
 
 
 class AsyncJobManager:
@@ -157,11 +117,12 @@ class AsyncJobManager:
         self.store = store
         self._providers: dict[str, Provider] = dict(providers or {})
         self.poll_policy = poll_policy or PollPolicy()
-        self.owner = owner or _owner_name()
+        self.owner = owner or new_owner()
         longest = column_length("lease_owner")
         if len(self.owner) > longest:
             raise ConfigError(f"owner {self.owner[:80]!r} is longer than {longest} characters")
         self.writer = GroupWriter(store)
+        self.claims = Claims(self)
         self._files: FileCache | None = None
         self._uploader: Uploader | None = None
         self._stream: FalStream | None = None
@@ -229,10 +190,6 @@ class AsyncJobManager:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a (blocking) store call off the event loop."""
-        return await asyncio.to_thread(fn, *args, **kwargs)
-
     # --- submit --------------------------------------------------------------------------
 
     async def submit(
@@ -271,7 +228,7 @@ class AsyncJobManager:
             download=download,
             start_timeout=start_timeout,
         )
-        job, created = await self._db(self.store.create_job, new)
+        job, created = await self.store.aio.run(self.store.create_job, new)
         if not _needs_send(job, created):
             return AsyncJobHandle.of(job, self)
         return AsyncJobHandle.of(await self.send(job, max_rate_wait=max_rate_wait), self)
@@ -324,7 +281,7 @@ class AsyncJobManager:
         """Record many jobs in one transaction (what makes a large batch fast), each returned
         with whether to :meth:`send` it now: it is new, or was recorded before but provably
         never sent. The others were sent before and must not be sent again."""
-        recorded = await self._db(self.store.create_jobs, jobs)
+        recorded = await self.store.aio.run(self.store.create_jobs, jobs)
         return [(job, _needs_send(job, created)) for job, created in recorded]
 
     async def send(
@@ -346,14 +303,14 @@ class AsyncJobManager:
         provider = self.provider(job.provider)
         if max_rate_wait is not None and (delay := provider.send_delay()) > max_rate_wait:
             detail = {"seconds": round(delay, 1)}
-            await self._db(
+            await self.store.aio.run(
                 self.store.record_event,
                 job.id,
                 "submit_deferred",
                 reason="rate_limited",
                 detail=detail,
             )
-            return await self._db(self.store.get, job.id)
+            return await self.store.aio.run(self.store.get, job.id)
         while True:
             after, unsure = await self._send_once(provider, job, reason)
             if unsure is None:
@@ -368,7 +325,7 @@ class AsyncJobManager:
     ) -> tuple[Job, ProviderError | None]:
         """One attempt; the error is returned when the attempt ended ambiguous."""
         if not await self.writer.write(BeginSubmit(job.id, job.attempts, reason)):
-            return await self._db(self.store.get, job.id), None
+            return await self.store.aio.run(self.store.get, job.id), None
         attempt = job.attempts + 1
         request = SubmitRequest(
             application=job.application,
@@ -385,21 +342,23 @@ class AsyncJobManager:
         except ProviderRejected as exc:
             SUBMITS.labels(job.provider, "rejected").inc()
             error = _error_of(exc)
-            applied = await self._db(self.store.fail, job.id, FailureReason.SUBMIT_REJECTED, error)
+            applied = await self.store.aio.run(
+                self.store.fail, job.id, FailureReason.SUBMIT_REJECTED, error
+            )
             return applied.job, None
         except ProviderError as exc:
             if isinstance(exc, ProviderUnavailable) and not exc.reached:
                 SUBMITS.labels(job.provider, "not_sent").inc()
                 return await self._not_sent(job, exc), None
             SUBMITS.labels(job.provider, "ambiguous").inc()
-            await self._db(
+            await self.store.aio.run(
                 self.store.record_event,
                 job.id,
                 "submit_ambiguous",
                 reason=type(exc).__name__,
                 detail={**_error_of(exc), "attempt": attempt},
             )
-            return await self._db(self.store.get, job.id), exc
+            return await self.store.aio.run(self.store.get, job.id), exc
         SUBMITS.labels(job.provider, "queued").inc()
         return await self._submitted(job, submitted), None
 
@@ -419,7 +378,7 @@ class AsyncJobManager:
             return job  # a webhook may still name the request; the resolver decides later
         AMBIGUOUS_DECISIONS.labels("resubmit").inc()
         await asyncio.sleep(provider.retry_delay(job.attempts))
-        fresh = await self._db(self.store.get, job.id)
+        fresh = await self.store.aio.run(self.store.get, job.id)
         if (
             fresh.state is not State.SUBMITTING
             or fresh.request_id
@@ -437,7 +396,7 @@ class AsyncJobManager:
         if seen.failure_reason is FailureReason.RESULT_UNAVAILABLE:
             return None  # the provider does not know it: never queued
         AMBIGUOUS_DECISIONS.labels("poll").inc()
-        await self._db(
+        await self.store.aio.run(
             self.store.record_event,
             job.id,
             "ambiguous_resolved",
@@ -473,7 +432,7 @@ class AsyncJobManager:
             f"back; {why}",
             "attempts": job.attempts,
         }
-        applied = await self._db(
+        applied = await self.store.aio.run(
             self.store.fail,
             job.id,
             FailureReason.AMBIGUOUS_SUBMIT,
@@ -488,8 +447,10 @@ class AsyncJobManager:
         error = _error_of(exc)
         if job.idempotency_key is not None:
             # Retrying the same call is safe: keep the job in submitting, attempts back to 0.
-            return await self._db(self.store.unsend, job.id, error)
-        applied = await self._db(self.store.fail, job.id, FailureReason.SUBMIT_UNREACHABLE, error)
+            return await self.store.aio.run(self.store.unsend, job.id, error)
+        applied = await self.store.aio.run(
+            self.store.fail, job.id, FailureReason.SUBMIT_UNREACHABLE, error
+        )
         return applied.job
 
     async def _submitted(self, job: Job, submitted: Submitted) -> Job:
@@ -519,7 +480,7 @@ class AsyncJobManager:
                 )
             else:
                 action = "cancelled" if accepted else "kept"
-                await self._db(
+                await self.store.aio.run(
                     self.store.record_event,
                     job.id,
                     "duplicate_cancelled" if accepted else "duplicate_finished",
@@ -546,7 +507,7 @@ class AsyncJobManager:
         remote = self.provider(provider)
         ref = remote.track_ref(application, request_id)  # ConfigError before any row exists
         new = NewJob(application=application, arguments={}, provider=remote.name)
-        return await self._db(self.store.track_job, new, ref, next_poll_at=time.time())
+        return await self.store.aio.run(self.store.track_job, new, ref, next_poll_at=time.time())
 
     async def retry(self, ref: str) -> Job:
         """A new attempt for a failed or cancelled job, linked to it (``retry_of``) and sent
@@ -571,7 +532,7 @@ class AsyncJobManager:
             start_timeout=old.start_timeout,
         )
         new = dataclasses.replace(new, retry_of=old.id)
-        job, created = await self._db(self.store.create_retry, old, new)
+        job, created = await self.store.aio.run(self.store.create_retry, old, new)
         if not _needs_send(job, created):
             return job
         return await self.send(job, reason="retry")
@@ -580,7 +541,7 @@ class AsyncJobManager:
         """:meth:`retry` for every failed or cancelled job of ``batch`` not retried yet;
         ``reasons`` keeps only those that failed for one of them (``"cancelled"`` for a
         cancelled job)."""
-        jobs = await self._db(self.store.retryable, batch, reasons=reasons)
+        jobs = await self.store.aio.run(self.store.retryable, batch, reasons=reasons)
         return [await self.retry(job.id) for job in jobs]
 
     # --- uploads ---------------------------------------------------------------------------
@@ -618,34 +579,35 @@ class AsyncJobManager:
         request id or its idempotency key). With ``refresh``, a job that is due for a poll
         and that nobody else holds is polled first, so the answer is not stale when no
         server runs."""
-        job = await self._db(self.store.get, ref)
+        job = await self.store.aio.run(self.store.get, ref)
         return await self._poll_if_free(job) if refresh else job
 
     async def _poll_if_free(self, job: Job) -> Job:
         """Poll ``job`` now if it is due and unclaimed (or held by a dead local process),
-        under the waiting client's lease; else return it as it is."""
+        under this manager's lease; else return it as it is."""
         if job.terminal or job.request_id is None:
             return job
-        claimed = await self._db(
-            self.store.claim_job,
-            job.id,
-            self.owner,
-            lease_seconds=WAIT_LEASE,
-            dead_owner=dead_local_owner(job.lease_owner),
-        )
-        return job if claimed is None else await self.refresh(claimed)
+        claimed = await self.claims.claim_if_free(job)
+        if claimed is None:
+            return job
+        after = await self.claims.poll(claimed, raising=True)
+        if (
+            after is None
+        ):  # cut off at the end of its lease: logged; the job as the store has it now
+            return await self.store.aio.run(self.store.get, job.id)
+        return after
 
     async def events(self, ref: str) -> list[dict[str, Any]]:
         """The job's events, oldest first: every submit, decision, change, cancel, retry, gc."""
         job = await self.status(ref)
-        return await self._db(self.store.events, job.id)
+        return await self.store.aio.run(self.store.events, job.id)
 
     async def logs(self, ref: str, *, after: int = 0) -> list[tuple[int, dict[str, Any]]]:
         """The job's stored log lines after sequence number ``after``, with their numbers."""
         job = await self.status(ref)
         return [
             (seq, dict(entry))
-            for seq, entry in await self._db(self.store.logs, job.id, after=after)
+            for seq, entry in await self.store.aio.run(self.store.logs, job.id, after=after)
         ]
 
     async def collect_garbage(self, cutoff: float) -> GcReport:
@@ -653,7 +615,9 @@ class AsyncJobManager:
         seconds); job rows and events stay."""
         from .results import collect_garbage
 
-        return await self._db(collect_garbage, self.store, self.settings.cache_dir, cutoff)
+        return await self.store.aio.run(
+            collect_garbage, self.store, self.settings.cache_dir, cutoff
+        )
 
     async def list_jobs(
         self,
@@ -671,7 +635,7 @@ class AsyncJobManager:
         ``before`` is the last id of the previous page. ``label`` is a ``(key, value)`` pair;
         ``search`` an id, id prefix or suffix, request id or idempotency key (see
         :meth:`jobs.store.Store.list_jobs`)."""
-        return await self._db(
+        return await self.store.aio.run(
             self.store.list_jobs,
             states=[*(states or ()), *([state] if state else [])],
             application=application,
@@ -683,11 +647,11 @@ class AsyncJobManager:
         )
 
     async def count_by_state(self) -> dict[State, int]:
-        return await self._db(self.store.count_by_state)
+        return await self.store.aio.run(self.store.count_by_state)
 
     async def ping(self) -> None:
         """Raise when the database does not answer."""
-        await self._db(self.store.ping)
+        await self.store.aio.run(self.store.ping)
 
     async def refresh(self, job: Job) -> Job:
         """Poll one claimed job, apply what was seen, schedule its next poll."""
@@ -714,14 +678,14 @@ class AsyncJobManager:
                 retry_after=retry_after,
                 failed=True,
             )
-            await self._db(
+            await self.store.aio.run(
                 self.store.poll_failed,
                 job.id,
                 _error_of(exc),
                 next_poll_at=time.time() + step.delay,
                 poll_interval=step.interval,
             )
-            return await self._db(self.store.get, job.id)
+            return await self.store.aio.run(self.store.get, job.id)
         POLLS.labels(provider.name, "ok").inc()
         POLL_SECONDS.labels(provider.name).observe(time.perf_counter() - started)
         return (await self.apply(job, observation)).job
@@ -820,7 +784,7 @@ class AsyncJobManager:
         while not job.terminal:
             job = await self._poll_if_free(job)
             if job.updated_at == seen:
-                job = await self._db(self.store.get, job.id)
+                job = await self.store.aio.run(self.store.get, job.id)
             if job.updated_at != seen:
                 seen = job.updated_at
                 yield job
@@ -853,7 +817,7 @@ class AsyncJobManager:
             raise JobNotFinished(job.id, job.state.value)
         if job.state is not State.SUCCEEDED:
             raise JobFailed(job.id, job.state.value, job.error)
-        found, data = await self._db(self.store.result, job.id)
+        found, data = await self.store.aio.run(self.store.result, job.id)
         if not found:
             removed = {
                 "type": "result_removed",
@@ -875,7 +839,7 @@ class AsyncJobManager:
         async for job in self.watch(ref, timeout=timeout):
             new_lines = False
             if with_logs:
-                lines = await self._db(self.store.logs, job.id, after=logs_seen)
+                lines = await self.store.aio.run(self.store.logs, job.id, after=logs_seen)
                 if lines:
                     logs_seen = lines[-1][0]
                     logs.extend(dict(entry) for _, entry in lines)
@@ -892,7 +856,7 @@ class AsyncJobManager:
         job = await self.status(ref, refresh=True)
         logs = None
         if with_logs:
-            logs = [dict(entry) for _, entry in await self._db(self.store.logs, job.id)]
+            logs = [dict(entry) for _, entry in await self.store.aio.run(self.store.logs, job.id)]
         event = _status_of(job, logs)
         return event if event is not None else Queued(position=None)
 
@@ -905,7 +869,7 @@ class AsyncJobManager:
         seen = 0
         jobs = self.watch(job.id, timeout=timeout) if follow else _once(job)
         async for _ in jobs:
-            lines = await self._db(self.store.logs, job.id, after=seen)
+            lines = await self.store.aio.run(self.store.logs, job.id, after=seen)
             if lines:
                 seen = lines[-1][0]
             for _seq, entry in lines:
@@ -988,19 +952,21 @@ class AsyncJobManager:
             batch=batch,
             idempotency_key=idempotency_key,
         )
-        job, created = await self._db(self.store.create_job, new)
+        job, created = await self.store.aio.run(self.store.create_job, new)
         if not created:
             raise JobsError(
                 f"idempotency key {idempotency_key!r} already names job {job.id}; "
                 "a stream cannot be replayed (`jobsctl show` has its events)"
             )
         started = Observation(state=State.IN_PROGRESS, source="stream")
-        await self._db(self.store.apply, job.id, started)
+        await self.store.aio.run(self.store.apply, job.id, started)
         last: dict[str, Any] | None = None
         outcome: Observation | None = None
         try:
             async for event in streamer.events(application, arguments, path=path, timeout=timeout):
-                await self._db(self.store.record_event, job.id, "stream_event", detail=event)
+                await self.store.aio.run(
+                    self.store.record_event, job.id, "stream_event", detail=event
+                )
                 last = event
                 yield event
             outcome = Observation(state=State.SUCCEEDED, result=last, source="stream")
@@ -1024,7 +990,7 @@ class AsyncJobManager:
                     failure_reason=FailureReason.REMOTE_ERROR,
                     source="stream",
                 )
-            await asyncio.shield(self._db(self.store.apply, job.id, outcome))
+            await asyncio.shield(self.store.aio.run(self.store.apply, job.id, outcome))
 
     async def cancel(
         self, ref: str, *, wait: float = 10.0, max_rate_wait: float | None = None
@@ -1039,7 +1005,7 @@ class AsyncJobManager:
         if job.request_id is None:
             # Never confirmed as queued: cancelling locally stops any resubmission.
             observation = Observation(state=State.CANCELLED, source="cancel")
-            applied = await self._db(self.store.apply, job.id, observation)
+            applied = await self.store.aio.run(self.store.apply, job.id, observation)
             return applied.job
         provider = self.provider(job.provider)
         if max_rate_wait is not None and (delay := provider.send_delay()) > max_rate_wait:
@@ -1050,7 +1016,7 @@ class AsyncJobManager:
                 reached=False,
             )
         accepted = await provider.cancel(job.ref())
-        await self._db(self.store.mark_cancel_requested, job.id)
+        await self.store.aio.run(self.store.mark_cancel_requested, job.id)
         try:
             job = await self.wait(job.id, timeout=wait)
         except WaitTimeout:
@@ -1063,15 +1029,15 @@ class AsyncJobManager:
 
     async def overview(self) -> Overview:
         """Database-wide figures: counts, failures by reason, backlog, leases."""
-        return await self._db(self.store.overview)
+        return await self.store.aio.run(self.store.overview)
 
     async def batches(self, *, active_only: bool = False, limit: int = 100) -> list[BatchProgress]:
         """Batches, newest first (only those with an unfinished job when ``active_only``)."""
-        return await self._db(self.store.batches, active_only=active_only, limit=limit)
+        return await self.store.aio.run(self.store.batches, active_only=active_only, limit=limit)
 
     async def batch(self, name: str) -> BatchProgress:
         """One batch's progress; raises :class:`BatchNotFound` when it has no job."""
-        found = await self._db(self.store.batches, name=name, limit=1)
+        found = await self.store.aio.run(self.store.batches, name=name, limit=1)
         if not found:
             raise BatchNotFound(name)
         return found[0]
@@ -1080,24 +1046,24 @@ class AsyncJobManager:
         """``(True, data)`` when the job's result is stored, else ``(False, None)``; never
         waits and never asks the provider."""
         job = await self.status(ref)
-        return await self._db(self.store.result, job.id)
+        return await self.store.aio.run(self.store.result, job.id)
 
     async def failures(self, *, batch: str | None = None) -> dict[str, int]:
         """Failed jobs by failure reason, most frequent first (of one batch when given)."""
-        return await self._db(self.store.failures, batch=batch)
+        return await self.store.aio.run(self.store.failures, batch=batch)
 
     async def batch_jobs(self, name: str) -> list[Job]:
         """Every job of a batch, in input order."""
-        return await self._db(self.store.batch_jobs, name)
+        return await self.store.aio.run(self.store.batch_jobs, name)
 
     async def stored_results(self, job_ids: Sequence[str]) -> dict[str, Any]:
         """The stored results of these jobs, by id (jobs without one are absent)."""
-        return await self._db(self.store.results_of, job_ids)
+        return await self.store.aio.run(self.store.results_of, job_ids)
 
     async def job_files(self, ref: str) -> list[JobFile]:
         """The files of the job's result and whether each is in the cache."""
         job = await self.status(ref)
-        return await self._db(self.store.files, job.id)
+        return await self.store.aio.run(self.store.files, job.id)
 
 
 def detection_lag(job: Job) -> float | None:

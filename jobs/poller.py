@@ -3,10 +3,10 @@
 The ``jobs`` table is the only state (docs/internals.md §1), so APScheduler holds exactly two
 interval jobs, never one per remote request:
 
-- :meth:`Poller.tick` claims due jobs under a lease (``store.claim_due``: ``BEGIN IMMEDIATE``
-  on SQLite, ``FOR UPDATE SKIP LOCKED`` on PostgreSQL) and polls each with
-  ``manager.refresh``, which applies what it saw through the store's compare-and-set and
-  schedules the next poll by backoff.
+- :meth:`Poller.tick` claims due jobs under a lease and polls each, through
+  :class:`jobs.claims.Claims` (``store.claim_due``: ``BEGIN IMMEDIATE`` on SQLite, ``FOR
+  UPDATE SKIP LOCKED`` on PostgreSQL; ``manager.refresh`` applies what a poll saw through
+  the store's compare-and-set and schedules the next poll by backoff).
 - :meth:`Poller.resolve_ambiguous` decides what happens to jobs left in ``submitting``.
 
 Concurrency is bounded by claiming only as many jobs as there are free poll slots: a claimed
@@ -30,15 +30,16 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
 
+from .claims import LEASE, Claims
 from .logs import job_context
-from .metrics import AMBIGUOUS_DECISIONS, LEASE_TAKEOVERS, POLLER_ERRORS
+from .metrics import AMBIGUOUS_DECISIONS, POLLER_ERRORS
 from .states import State
 
 if TYPE_CHECKING:  # kept out of the import, so `jobs --help` can show the defaults cheaply
     from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
     from .manager import AsyncJobManager
-    from .records import Claimed, Job
+    from .records import Job
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,10 @@ AmbiguousPolicy = Literal["resubmit", "fail"]
 TICK = 0.25  # seconds between claims of due jobs
 BATCH = 100  # most jobs claimed by one statement
 CONCURRENCY = 64  # most polls in flight (claims never exceed the free slots)
-LEASE = 60.0  # seconds a claimed job belongs to this poller; a poll is cut off at its end
 AMBIGUOUS_GRACE = 120.0  # seconds a job may sit in submitting before the resolver decides
 # (longer than a submit can take: a 30 s reply timeout, retries only while nothing was sent)
 AMBIGUOUS_PERIOD = 10.0  # seconds between runs of the ambiguous resolver
 STOP_TIMEOUT = 10.0  # seconds stop() lets in-flight polls finish before cancelling them
-POLL_BUDGET = 0.9  # share of the lease a poll may take (the claim happened a moment earlier)
 
 
 class Poller:
@@ -83,12 +82,12 @@ class Poller:
         self.tick_period = tick
         self.batch = batch
         self.concurrency = concurrency
-        self.lease = lease
+        self.claims = Claims(manager, lease=lease)
         self.ambiguous_grace = ambiguous_grace
         self.ambiguous_period = ambiguous_period
         self.ambiguous_policy: AmbiguousPolicy = "fail" if policy == "fail" else "resubmit"
         self.stop_timeout = stop_timeout
-        self._polls: set[asyncio.Task[None]] = set()
+        self._polls: set[asyncio.Task[Job | None]] = set()
         self._runs: set[asyncio.Task[object]] = set()  # ticks and resolver runs in progress
         self._tick_lock = asyncio.Lock()
         # The last claim filled every free slot, so more jobs are probably due: freed slots
@@ -121,40 +120,25 @@ class Poller:
                 if room <= 0:
                     break
                 try:
-                    claimed = await asyncio.to_thread(
-                        self.manager.store.claim_due,
-                        self.owner,
-                        limit=room,
-                        lease_seconds=self.lease,
-                    )
+                    claimed = await self.claims.claim_due(room)
                 except Exception:
                     POLLER_ERRORS.labels("claim").inc()
                     log.exception("claiming due jobs failed; the next tick tries again")
                     break
-                self._note_takeovers(claimed)
-                for item in claimed:
-                    self._start_poll(item.job)
+                for job in claimed:
+                    self._start_poll(job)
                 claimed_total += len(claimed)
                 self._backlog = len(claimed) == room
                 if not self._backlog:
                     break
         return claimed_total
 
-    def _note_takeovers(self, claimed: list[Claimed]) -> None:
-        taken = [item.job for item in claimed if item.took_over]
-        if not taken:
-            return
-        LEASE_TAKEOVERS.inc(len(taken))
-        for job in taken:
-            with job_context(job.id, job.request_id):
-                log.info("took over the job from an expired lease")
-
     def _start_poll(self, job: Job) -> None:
-        task = asyncio.create_task(self._poll(job), name=f"poll {job.id}")
+        task = asyncio.create_task(self.claims.poll(job), name=f"poll {job.id}")
         self._polls.add(task)
         task.add_done_callback(self._poll_done)
 
-    def _poll_done(self, task: asyncio.Task[None]) -> None:
+    def _poll_done(self, task: asyncio.Task[Job | None]) -> None:
         self._polls.discard(task)
         free = self.concurrency - len(self._polls)
         if (
@@ -177,36 +161,6 @@ class Poller:
         finally:
             self._runs.discard(task)
             self._refill = None
-
-    async def _poll(self, job: Job) -> None:
-        with job_context(job.id, job.request_id):
-            started = time.monotonic()
-            try:
-                async with asyncio.timeout(self.lease * POLL_BUDGET):
-                    after = await self.manager.refresh(job)
-            except TimeoutError:
-                POLLER_ERRORS.labels("poll").inc()
-                log.warning(
-                    "poll outlasted its lease and was abandoned; the job is due again when "
-                    "the lease ends",
-                    extra={"seconds": round(time.monotonic() - started, 3)},
-                )
-                return
-            except Exception:
-                POLLER_ERRORS.labels("poll").inc()
-                log.exception("poll failed; the job is due again when its lease ends")
-                return
-            if after.terminal and after.state is not job.state:
-                log.info("job %s", after.state.value, extra={"polls": after.polls})
-            elif log.isEnabledFor(logging.DEBUG):
-                log.debug(
-                    "polled",
-                    extra={
-                        "state": after.state.value,
-                        "polls": after.polls,
-                        "seconds": round(time.monotonic() - started, 3),
-                    },
-                )
 
     async def idle(self) -> None:
         """Wait until no poll started by :meth:`tick` is in flight."""
@@ -250,8 +204,9 @@ class Poller:
         while not self._stopping:
             older_than = time.time() - self.ambiguous_grace
             try:
-                found = await asyncio.to_thread(
-                    self.manager.store.ambiguous, older_than=older_than, limit=self.batch
+                store = self.manager.store
+                found = await store.aio.run(
+                    store.ambiguous, older_than=older_than, limit=self.batch
                 )
             except Exception:
                 POLLER_ERRORS.labels("resolve").inc()
@@ -327,7 +282,7 @@ class Poller:
                 "tick": self.tick_period,
                 "batch": self.batch,
                 "concurrency": self.concurrency,
-                "lease": self.lease,
+                "lease": self.claims.lease,
                 "ambiguous_policy": self.ambiguous_policy,
             },
         )
@@ -374,7 +329,7 @@ class Poller:
         if scheduler is not None:
             scheduler.shutdown(wait=False)
         try:
-            released = await asyncio.to_thread(self.manager.store.release_leases, self.owner)
+            released = await self.claims.release()
         except Exception:
             POLLER_ERRORS.labels("stop").inc()
             log.exception("releasing leases failed; they expire by themselves")

@@ -196,7 +196,7 @@ class FileCache:
 
     async def entries(self, job_id: str) -> list[JobFile]:
         """The job's file rows as recorded (no download)."""
-        return await asyncio.to_thread(self.store.files, job_id)
+        return await self.store.aio.run(self.store.files, job_id)
 
     def cached(self, file: JobFile) -> Path | None:
         """Where a downloaded file is, or None (not downloaded, or removed from disk)."""
@@ -236,16 +236,16 @@ class FileCache:
         return await self._fetch(job_id, retry_failed=retry_failed)
 
     async def _fetch(self, job_id: str, *, retry_failed: bool) -> list[JobFile]:
-        found, result = await asyncio.to_thread(self.store.result, job_id)
+        found, result = await self.store.aio.run(self.store.result, job_id)
         if not found:
-            return await asyncio.to_thread(self.store.files, job_id)
-        rows = await asyncio.to_thread(self.store.add_files, job_id, find_files(result))
+            return await self.store.aio.run(self.store.files, job_id)
+        rows = await self.store.aio.run(self.store.add_files, job_id, find_files(result))
         todo = [f for f in rows if self._needs_download(f, retry_failed)]
         if not todo:
             return rows
         _check_directory(self.root, "the file cache (JOBS_CACHE_DIR)")
         await asyncio.gather(*(self._download_file(f) for f in todo))
-        return await asyncio.to_thread(self.store.files, job_id)
+        return await self.store.aio.run(self.store.files, job_id)
 
     def _needs_download(self, file: JobFile, retry_failed: bool) -> bool:
         if file.state == PENDING:
@@ -284,11 +284,11 @@ class FileCache:
                 log.exception("downloading %s failed unexpectedly", file.url)
                 error = f"internal error: {type(exc).__name__}"
             if error is not None:
-                await asyncio.to_thread(
+                await self.store.aio.run(
                     self.store.set_file, file.job_id, file.n, state=FAILED, error=error
                 )
                 return
-        await asyncio.to_thread(
+        await self.store.aio.run(
             self.store.set_file,
             file.job_id,
             file.n,

@@ -360,7 +360,7 @@ class Uploader:
     async def _alive(self, sha256: str, content_type: str) -> Uploaded | None:
         """The recorded upload of these bytes, if its URL lives long enough to be reused."""
         margin = REUSE_MARGIN if self.lifetime is None else min(REUSE_MARGIN, self.lifetime / 2)
-        found = await asyncio.to_thread(
+        found = await self.store.aio.run(
             self.store.find_upload, sha256, content_type, alive_until=self._clock() + margin
         )
         return None if found is None else Uploaded.of(found, reused=True)
@@ -368,13 +368,13 @@ class Uploader:
     async def _finished(self, new: NewUpload, url: str, upload_id: str | None) -> Uploaded:
         now = self._clock()
         expires = None if self.lifetime is None else now + self.lifetime
-        record = await asyncio.to_thread(
+        record = await self.store.aio.run(
             self.store.finish_upload, new, url=url, expires_at=expires, upload_id=upload_id, now=now
         )
         return Uploaded.of(record, reused=False)
 
     async def _multipart(self, source: _Source, new: NewUpload) -> Uploaded:
-        partial = await asyncio.to_thread(
+        partial = await self.store.aio.run(
             self.store.find_partial_upload, new.sha256, new.content_type, self.part_size
         )
         if partial is not None:
@@ -384,7 +384,7 @@ class Uploader:
             except (ProviderRejected, ProviderProtocolError):
                 # The CDN no longer knows that upload (expired, or another process completed
                 # it: then its URL is recorded now); else start over.
-                await asyncio.to_thread(self.store.abandon_upload, record.id)
+                await self.store.aio.run(self.store.abandon_upload, record.id)
                 done = await self._alive(new.sha256, new.content_type)
                 if done is not None:
                     return done
@@ -394,7 +394,7 @@ class Uploader:
         opened = dataclasses.replace(
             new, part_size=self.part_size, multipart_id=ref.upload_id, access_url=ref.access_url
         )
-        record = await asyncio.to_thread(self.store.begin_upload, opened)
+        record = await self.store.aio.run(self.store.begin_upload, opened)
         return await self._send_parts(source, new, record, {})
 
     async def _send_parts(
@@ -413,7 +413,7 @@ class Uploader:
                 offset = (number - 1) * self.part_size
                 data = await asyncio.to_thread(source.read, offset, self.part_size)
                 etag = await self.cdn.upload_part(ref, number, data, content_type=new.content_type)
-                await asyncio.to_thread(self.store.record_part, record.id, number, etag, len(data))
+                await self.store.aio.run(self.store.record_part, record.id, number, etag, len(data))
                 etags[number] = etag
 
         missing = [n for n in range(1, count + 1) if n not in etags]

@@ -41,7 +41,7 @@ class GroupWriter:
             batch = self._pending[: self._max_batch]
             del self._pending[: self._max_batch]
             try:
-                outcomes = await asyncio.to_thread(
+                outcomes = await self._store.aio.run(
                     self._store.write_many, [write for write, _ in batch]
                 )
             except Exception as exc:
@@ -51,7 +51,7 @@ class GroupWriter:
                 # One bad write must not sink the others: run them one by one.
                 for write, future in batch:
                     try:
-                        [outcome] = await asyncio.to_thread(self._store.write_many, [write])
+                        [outcome] = await self._store.aio.run(self._store.write_many, [write])
                     except Exception as one:
                         _settle(future, error=one)
                     else:

@@ -20,10 +20,11 @@ from support.jwks import use_keys
 from support.managers import local_settings
 
 from jobs import IdempotencyConflict
+from jobs.claims import dead_local_owner, new_owner, owner_host
 from jobs.config import Secret, Settings
 from jobs.errors import ConfigError
 from jobs.logs import RedactFilter
-from jobs.manager import AsyncJobManager, _owner_name, dead_local_owner, owner_host
+from jobs.manager import AsyncJobManager
 from jobs.providers.jwks import JwksCache
 from jobs.providers.signatures import public_jwk
 from jobs.results import FileCache, safe_name
@@ -276,7 +277,7 @@ async def test_a_callback_with_a_long_request_id_is_malformed() -> None:
 def test_a_long_host_name_still_fits_the_lease_owner(monkeypatch: pytest.MonkeyPatch) -> None:
     pod = "batch-worker-" + "x" * 240  # Kubernetes allows up to 253
     monkeypatch.setattr("socket.gethostname", lambda: pod)
-    owner = _owner_name()
+    owner = new_owner()
     assert len(owner) <= 64
     assert owner_host() != owner_host(pod + "y")  # still tells hosts apart
     dead = f"{owner_host()}:{2**22 + 12345}:abcdef"  # a pid no process has
@@ -510,7 +511,7 @@ def test_inputs_the_columns_refused_are_handled_on_both_databases(
         submitted = Submitted(ref=ref, observation=Observation(State.QUEUED))
         store.mark_submitted(job.id, submitted, next_poll_at=0)
         # A Kubernetes-length host name: the poller's claim still works.
-        [claimed] = store.claim_due(_owner_name(), limit=10, lease_seconds=30)
+        [claimed] = store.claim_due(new_owner(), limit=10, lease_seconds=30)
         assert claimed.job.id == job.id
         result = {
             "a": {"url": "https://cdn/a.png", "file_name": "n" * 1000, "content_type": "x/y"},

@@ -130,7 +130,7 @@ async def test_bad_input_is_refused_before_recording(jm: AsyncJobManager) -> Non
         await jm.submit("flux", {})
     with pytest.raises(ConfigError, match="priority"):
         await jm.submit("fal-ai/flux/dev", {}, priority="urgent")
-    assert await jm._db(jm.store.list_jobs) == []
+    assert await jm.store.aio.run(jm.store.list_jobs) == []
 
 
 async def test_an_always_dropped_submit_is_sent_a_bounded_number_of_times(
@@ -142,7 +142,7 @@ async def test_an_always_dropped_submit_is_sent_a_bounded_number_of_times(
     # JOBS_MAX_SUBMIT_ATTEMPTS (3) sends, then failed; never resent forever.
     assert job.state is State.FAILED and job.failure_reason == "ambiguous_submit"
     assert job.attempts == 3 and job.request_id is None
-    kinds = [e["kind"] for e in await jm._db(jm.store.events, job.id)]
+    kinds = [e["kind"] for e in await jm.store.aio.run(jm.store.events, job.id)]
     assert kinds.count("submit_sent") == kinds.count("submit_ambiguous") == 3
     assert fal.fake.stats.submits == 3  # each send once: no blind retry inside a send
 
@@ -168,7 +168,7 @@ async def test_jobs_finish_through_provider_faults(jm: AsyncJobManager, fal: Fak
     for job in jobs:
         # A fetch that met an injected fault is retried (bounded); stored once all the same.
         assert fal.fake.stats.requests[job.request_id or ""].result_fetches <= 5
-        events = await jm._db(jm.store.events, job.id)
+        events = await jm.store.aio.run(jm.store.events, job.id)
         assert [e["to_state"] for e in events if e["kind"] == "state"] == ["succeeded"]
 
 

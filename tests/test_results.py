@@ -223,7 +223,7 @@ async def test_failures_are_recorded_not_skipped(
             _image("/etc/passwd"),
         ]
     }
-    job = await jm._db(_succeeded, jm.store, result)
+    job = await jm.store.aio.run(_succeeded, jm.store, result)
     files = await jm.files.fetch(job.id)
     assert [f.state for f in files] == ["downloaded", "failed", "failed", "failed"]
     assert files[1].error == "HTTP 404 Not Found"
@@ -240,7 +240,7 @@ async def test_a_file_over_the_cap_fails_and_leaves_nothing(
 ) -> None:
     cache = FileCache(jm.store, tmp_path / "cache", max_bytes=1000, allow_hosts=["127.0.0.1"])
     try:
-        job = await jm._db(
+        job = await jm.store.aio.run(
             _succeeded, jm.store, {"image": _image(f"{fal.url}/_fake/files/r/0.png")}
         )
         [row] = await cache.fetch(job.id)
@@ -410,7 +410,7 @@ async def test_gc_removes_results_and_files_keeps_jobs_and_events(
     assert len([p for p in root.rglob("*") if p.is_file()]) == 4
     events_before = {j.id: len(jm.store.events(j.id)) for j in (one, two)}
 
-    report = await jm._db(collect_garbage, jm.store, root, cutoff)
+    report = await jm.store.aio.run(collect_garbage, jm.store, root, cutoff)
 
     # The failed job had nothing stored but its error, which is part of the job row.
     assert (report.jobs, report.results, report.file_rows) == (2, 2, 3)
@@ -428,7 +428,7 @@ async def test_gc_removes_results_and_files_keeps_jobs_and_events(
     with pytest.raises(JobFailed, match="removed by `jobs gc`"):
         await jm.result(two.id)
     assert await jm.result(newer.id)  # finished after the cutoff: untouched
-    again = await jm._db(collect_garbage, jm.store, root, cutoff)
+    again = await jm.store.aio.run(collect_garbage, jm.store, root, cutoff)
     assert again.jobs == 0 and again.to_dict()["bytes"] == 0
 
 
@@ -485,13 +485,13 @@ async def test_files_are_served_over_http(jm: AsyncJobManager, fal: FakeFalServe
 
     good = f"{fal.url}/_fake/files/web/0.png"
     result = {"images": [_image(good, "pic.png"), _image(f"{fal.url}/_fake/files/web/x.png")]}
-    job = await jm._db(_succeeded, jm.store, result)
+    job = await jm.store.aio.run(_succeeded, jm.store, result)
     app = create_app(jm, settings=jm.settings)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         pending = await client.get(f"/v1/jobs/{job.id}/files/0")
         assert pending.status_code == 404  # nothing recorded yet: not asked to download
-        await jm._db(jm.store.add_files, job.id, find_files(result))
+        await jm.store.aio.run(jm.store.add_files, job.id, find_files(result))
         pending = await client.get(f"/v1/jobs/{job.id}/files/0")
         assert pending.status_code == 409 and pending.json()["error"]["type"] == "not_ready"
         await jm.files.fetch(job.id)

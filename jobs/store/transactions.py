@@ -8,6 +8,7 @@ bounded number of times.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +27,7 @@ from ..db import (
     hide_password,
 )
 from ..errors import ConfigError
+from .aio import AsyncStore
 
 T = TypeVar("T")
 
@@ -62,7 +64,16 @@ class Transactions:
             raise ConfigError(f"cannot open database {shown!r}: {reason}") from None
         return cls(engine)
 
+    @functools.cached_property
+    def aio(self) -> AsyncStore:
+        """This store for async callers: every method through :meth:`AsyncStore.run`."""
+        return AsyncStore()
+
     def close(self) -> None:
+        # Like the engine, usable again after close (a new pool is made on next use).
+        aio: AsyncStore | None = self.__dict__.pop("aio", None)
+        if aio is not None:
+            aio.close()
         self.engine.dispose()
 
     # --- transactions --------------------------------------------------------------------
