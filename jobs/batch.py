@@ -23,6 +23,7 @@ Rendering (rich progress bars on stderr) lives here too, so the CLI stays parse-
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -50,7 +51,7 @@ from rich.progress import (
 from rich.text import Text
 
 from .manager import AsyncJobManager
-from .records import Job, NewJob
+from .records import Job, NewJob, SubmitOptions, submit_outcome
 from .results import SavedFile, find_files
 from .states import ACTIVE, State
 
@@ -206,11 +207,11 @@ async def submit_batch(
     batch: str,
     concurrency: int = DEFAULT_CONCURRENCY,
     on_result: Callable[[LineResult], None] = lambda _: None,
-    **options: Any,
+    options: SubmitOptions | None = None,
 ) -> BatchReport:
     """Submit every good line as a job of ``batch`` (``batch_index`` = line number), at most
-    ``concurrency`` at a time. ``options`` go to ``manager.new_job`` (path, priority, hint,
-    labels, webhook, download). ``on_result`` hears about each line as it is done.
+    ``concurrency`` at a time, each with ``options`` (its batch, index and idempotency key
+    set per line). ``on_result`` hears about each line as it is done.
 
     Lines are recorded a chunk at a time in one transaction each (``manager.record_many``)
     just ahead of the senders; then each new job is sent on its own, exactly as
@@ -223,6 +224,7 @@ async def submit_batch(
     (several runs of one file) is reported once that send is over (at most
     ``SETTLE_WAIT`` seconds), as the job it became."""
     report = BatchReport(batch=batch, lines=len(lines))
+    given = options or SubmitOptions()
     started = time.time()
     workers = max(1, concurrency)
     chunk = max(RECORD_CHUNK, workers)
@@ -251,7 +253,7 @@ async def submit_batch(
     async def record() -> None:
         for start in range(0, len(good), chunk):
             part = good[start : start + chunk]
-            news = [_new_job(manager, application, batch, line, options) for line in part]
+            news = [_new_job(manager, application, batch, line, given) for line in part]
             for line, (job, send) in zip(part, await manager.record_many(news), strict=True):
                 if send:
                     await to_send.put((line.number, job))
@@ -297,33 +299,24 @@ async def _settle(
 
 
 def _new_job(
-    manager: AsyncJobManager, application: str, batch: str, line: Line, options: dict[str, Any]
+    manager: AsyncJobManager, application: str, batch: str, line: Line, options: SubmitOptions
 ) -> NewJob:
     assert line.arguments is not None
     key = idempotency_key(batch, line.number, line.arguments)
-    return manager.new_job(
-        application,
-        line.arguments,
-        batch=batch,
-        batch_index=line.number,
-        idempotency_key=key,
-        **options,
-    )
+    each = dataclasses.replace(options, batch=batch, batch_index=line.number, idempotency_key=key)
+    return manager.new_job(application, line.arguments, each)
 
 
 def _line_result(number: int, job: Job, started: float) -> LineResult:
-    if job.state is State.FAILED and job.failure_reason in (
-        "submit_rejected",
-        "submit_unreachable",
-        "ambiguous_submit",
-    ):
+    outcome = submit_outcome(job)
+    if outcome == "failed":
         message = (job.error or {}).get("message") or job.failure_reason
         return LineResult(number, "failed", job, f"line {number}: submit failed: {message}")
-    if job.state is State.SUBMITTING:
+    if outcome != "sent":
         # Either the submit may have reached the queue and a webhook may still name it
         # (policy ``fail``: ``jobsctl serve`` resolves it) or it provably did not (the next
         # run of the same command sends it).
-        reason = "never sent; run the same command again" if job.attempts == 0 else "ambiguous"
+        reason = "never sent; run the same command again" if outcome == "unsent" else "ambiguous"
         return LineResult(number, "ambiguous", job, f"line {number}: not confirmed ({reason})")
     sent_before = job.created_at < started and (job.submitted_at or 0.0) < started
     return LineResult(number, "existing" if sent_before else "submitted", job)

@@ -97,6 +97,8 @@ jobs = Table(
     Column("tracked", Boolean, nullable=False, default=False, server_default=false()),
     # seconds fal may take to start the request (X-Fal-Request-Timeout), sent on every attempt
     Column("start_timeout", Double),
+    # seconds Replicate may take before the prediction is cancelled (Cancel-After)
+    Column("cancel_after", Double),
     CheckConstraint(_in_list("state", STATE_VALUES), name="state"),
     CheckConstraint(
         "failure_reason IS NULL OR " + _in_list("failure_reason", FAILURE_VALUES),
@@ -172,6 +174,16 @@ provider_accounts = Table(
     Column("provider", String(16), primary_key=True),
     Column("user_id", String(255), nullable=False),
     Column("learned_at", Double, nullable=False),
+)
+
+# Callbacks already applied, by the provider's message id (Replicate's ``webhook-id``, the
+# same across retries of one message): a repeat is answered without touching the job.
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("provider", String(16), primary_key=True),
+    Column("delivery_id", String(128), primary_key=True),
+    Column("received_at", Double, nullable=False, index=True),
 )
 
 UPLOAD_STATES = ["uploading", "uploaded", "abandoned"]

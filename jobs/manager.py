@@ -60,6 +60,7 @@ from .metrics import (
 )
 from .providers import create as create_provider
 from .providers.base import Observation, Provider, SubmitRequest, Submitted
+from .records import SubmitOptions
 from .states import FailureReason, State
 from .store import (
     Applied,
@@ -197,6 +198,7 @@ class AsyncJobManager:
         application: str,
         arguments: Mapping[str, Any],
         *,
+        provider: str = "fal",
         path: str | None = None,
         priority: str | None = None,
         hint: str | None = None,
@@ -207,64 +209,16 @@ class AsyncJobManager:
         webhook: bool = True,
         download: bool | None = None,
         start_timeout: float | None = None,
+        cancel_after: float | None = None,
         max_rate_wait: float | None = None,
     ) -> AsyncJobHandle:
         """Record the job, then send it. With an ``idempotency_key`` already used, return that
         job and send nothing (unless it provably never reached the queue: then send it now).
         The job comes back as a handle: its fields, and fal_client's ``status``,
-        ``iter_events``, ``get`` and ``cancel`` (see :mod:`jobs.handles`).
-        ``max_rate_wait``: see :meth:`send`."""
-        new = self.new_job(
-            application,
-            arguments,
-            path=path,
-            priority=priority,
-            hint=hint,
-            labels=labels,
-            batch=batch,
-            batch_index=batch_index,
-            idempotency_key=idempotency_key,
-            webhook=webhook,
-            download=download,
-            start_timeout=start_timeout,
-        )
-        job, created = await self.store.aio.run(self.store.create_job, new)
-        if not _needs_send(job, created):
-            return AsyncJobHandle.of(job, self)
-        return AsyncJobHandle.of(await self.send(job, max_rate_wait=max_rate_wait), self)
-
-    def new_job(
-        self,
-        application: str,
-        arguments: Mapping[str, Any],
-        *,
-        path: str | None = None,
-        priority: str | None = None,
-        hint: str | None = None,
-        labels: Mapping[str, str] | None = None,
-        batch: str | None = None,
-        batch_index: int | None = None,
-        idempotency_key: str | None = None,
-        webhook: bool = True,
-        download: bool | None = None,
-        start_timeout: float | None = None,
-    ) -> NewJob:
-        """The row :meth:`submit` records, once the provider has checked the request
-        (``ConfigError`` for one that cannot be sent: no credentials, a bad application id)."""
-        provider = self.provider("fal")
-        request = SubmitRequest(
-            application=application,
-            arguments=arguments,
-            path=path,
-            priority=priority,
-            hint=hint,
-            start_timeout=start_timeout,
-        )
-        provider.check(request)
-        return NewJob(
-            application=application,
-            arguments=dict(arguments),
-            provider=provider.name,
+        ``iter_events``, ``get`` and ``cancel`` (see :mod:`jobs.handles`). The keywords are
+        :class:`~jobs.records.SubmitOptions`; ``max_rate_wait``: see :meth:`send`."""
+        options = SubmitOptions(
+            provider=provider,
             path=path,
             priority=priority,
             hint=hint,
@@ -272,9 +226,70 @@ class AsyncJobManager:
             batch=batch,
             batch_index=batch_index,
             idempotency_key=idempotency_key,
-            webhook=webhook and self.settings.public_url is not None,
-            download_files=self.settings.cache_files if download is None else download,
+            webhook=webhook,
+            download=download,
             start_timeout=start_timeout,
+            cancel_after=cancel_after,
+        )
+        return await self.submit_with(application, arguments, options, max_rate_wait=max_rate_wait)
+
+    async def submit_with(
+        self,
+        application: str,
+        arguments: Mapping[str, Any],
+        options: SubmitOptions,
+        *,
+        max_rate_wait: float | None = None,
+    ) -> AsyncJobHandle:
+        """:meth:`submit` with its options as one value (what the API and the CLI build)."""
+        new = self.new_job(application, arguments, options)
+        job, created = await self.store.aio.run(self.store.create_job, new)
+        if not _needs_send(job, created):
+            return AsyncJobHandle.of(job, self)
+        return AsyncJobHandle.of(await self.send(job, max_rate_wait=max_rate_wait), self)
+
+    def new_job(
+        self, application: str, arguments: Mapping[str, Any], options: SubmitOptions
+    ) -> NewJob:
+        """The row :meth:`submit` records, once the provider has checked the request
+        (``ConfigError`` for one that cannot be sent: no credentials, a bad application id)."""
+        provider = self.provider(options.provider)
+        provider.check(self._request(application, arguments, options))
+        return NewJob(
+            application=application,
+            arguments=dict(arguments),
+            provider=provider.name,
+            path=options.path,
+            priority=options.priority,
+            hint=options.hint,
+            labels=dict(options.labels),
+            batch=options.batch,
+            batch_index=options.batch_index,
+            idempotency_key=options.idempotency_key,
+            webhook=options.webhook and self.settings.public_url is not None,
+            download_files=self.settings.cache_files
+            if options.download is None
+            else options.download,
+            start_timeout=options.start_timeout,
+            cancel_after=options.cancel_after,
+        )
+
+    @staticmethod
+    def _request(
+        application: str,
+        arguments: Mapping[str, Any],
+        options: SubmitOptions | Job,
+        webhook_url: str | None = None,
+    ) -> SubmitRequest:
+        return SubmitRequest(
+            application=application,
+            arguments=arguments,
+            path=options.path,
+            priority=options.priority,
+            hint=options.hint,
+            webhook_url=webhook_url,
+            start_timeout=options.start_timeout,
+            cancel_after=options.cancel_after,
         )
 
     async def record_many(self, jobs: Sequence[NewJob]) -> list[tuple[Job, bool]]:
@@ -327,15 +342,8 @@ class AsyncJobManager:
         if not await self.writer.write(BeginSubmit(job.id, job.attempts, reason)):
             return await self.store.aio.run(self.store.get, job.id), None
         attempt = job.attempts + 1
-        request = SubmitRequest(
-            application=job.application,
-            arguments=job.arguments,
-            path=job.path,
-            priority=job.priority,
-            hint=job.hint,
-            webhook_url=self._webhook_url(job, attempt) if job.webhook else None,
-            start_timeout=job.start_timeout,
-        )
+        webhook_url = self._webhook_url(job, attempt) if job.webhook else None
+        request = self._request(job.application, job.arguments, job, webhook_url)
         try:
             with SUBMIT_SECONDS.labels(job.provider).time():
                 submitted = await provider.submit(request)
@@ -518,19 +526,20 @@ class AsyncJobManager:
             raise NotRetryable(old.id, why)
         if old.tracked:
             raise NotRetryable(old.id, "it was made elsewhere (tracked), so its input is unknown")
-        new = self.new_job(
-            old.application,
-            old.arguments,
+        options = SubmitOptions(
+            provider=old.provider,
             path=old.path,
             priority=old.priority,
             hint=old.hint,
-            labels=old.labels,
+            labels=dict(old.labels or {}),
             batch=old.batch,
             batch_index=old.batch_index,
             idempotency_key=f"retry:{old.id}",
             download=old.download_files,
             start_timeout=old.start_timeout,
+            cancel_after=old.cancel_after,
         )
+        new = self.new_job(old.application, old.arguments, options)
         new = dataclasses.replace(new, retry_of=old.id)
         job, created = await self.store.aio.run(self.store.create_retry, old, new)
         if not _needs_send(job, created):
@@ -1202,25 +1211,93 @@ class JobManager:
         self.close()
 
     def submit(
-        self, application: str, arguments: Mapping[str, Any], **options: Any
+        self,
+        application: str,
+        arguments: Mapping[str, Any],
+        *,
+        provider: str = "fal",
+        path: str | None = None,
+        priority: str | None = None,
+        hint: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        batch: str | None = None,
+        batch_index: int | None = None,
+        idempotency_key: str | None = None,
+        webhook: bool = True,
+        download: bool | None = None,
+        start_timeout: float | None = None,
+        cancel_after: float | None = None,
+        max_rate_wait: float | None = None,
     ) -> SyncJobHandle:
-        job = self._portal.call(self._async.submit(application, arguments, **options))
-        return SyncJobHandle.of(job, self)
+        options = SubmitOptions(
+            provider=provider,
+            path=path,
+            priority=priority,
+            hint=hint,
+            labels=dict(labels or {}),
+            batch=batch,
+            batch_index=batch_index,
+            idempotency_key=idempotency_key,
+            webhook=webhook,
+            download=download,
+            start_timeout=start_timeout,
+            cancel_after=cancel_after,
+        )
+        return self.submit_with(application, arguments, options, max_rate_wait=max_rate_wait)
+
+    def submit_with(
+        self,
+        application: str,
+        arguments: Mapping[str, Any],
+        options: SubmitOptions,
+        *,
+        max_rate_wait: float | None = None,
+    ) -> SyncJobHandle:
+        submitted = self._async.submit_with(
+            application, arguments, options, max_rate_wait=max_rate_wait
+        )
+        return SyncJobHandle.of(self._portal.call(submitted), self)
 
     def current_status(self, ref: str, *, with_logs: bool = False) -> Status:
         return self._portal.call(self._async.current_status(ref, with_logs=with_logs))
 
-    def run(self, application: str, arguments: Mapping[str, Any], **options: Any) -> Any:
-        return self._portal.call(self._async.run(application, arguments, **options))
+    def run(
+        self,
+        application: str,
+        arguments: Mapping[str, Any],
+        *,
+        timeout: float | None = None,
+        **submit_options: Any,
+    ) -> Any:
+        """:meth:`AsyncJobManager.run`; ``submit_options`` are :meth:`submit`'s keywords."""
+        running = self._async.run(application, arguments, timeout=timeout, **submit_options)
+        return self._portal.call(running)
 
     def get_handle(self, application: str, request_id: str) -> SyncJobHandle:
         job = self._portal.call(self._async.get_handle(application, request_id))
         return SyncJobHandle.of(job, self)
 
     def stream(
-        self, application: str, arguments: Mapping[str, Any], **options: Any
+        self,
+        application: str,
+        arguments: Mapping[str, Any],
+        *,
+        path: str = "/stream",
+        timeout: float | None = None,
+        labels: Mapping[str, str] | None = None,
+        batch: str | None = None,
+        idempotency_key: str | None = None,
     ) -> Iterator[dict[str, Any]]:
-        return self._portal.iterate(self._async.stream(application, arguments, **options))
+        events = self._async.stream(
+            application,
+            arguments,
+            path=path,
+            timeout=timeout,
+            labels=labels,
+            batch=batch,
+            idempotency_key=idempotency_key,
+        )
+        return self._portal.iterate(events)
 
     def status(self, ref: str, *, refresh: bool = False) -> Job:
         return self._portal.call(self._async.status(ref, refresh=refresh))
@@ -1296,13 +1373,37 @@ class JobManager:
     def track(self, application: str, request_id: str, *, provider: str = "fal") -> Job:
         return self._portal.call(self._async.track(application, request_id, provider=provider))
 
-    def iter_events(self, ref: str, **options: Any) -> Iterator[Status]:
-        return self._portal.iterate(self._async.iter_events(ref, **options))
+    def iter_events(
+        self, ref: str, *, with_logs: bool = True, timeout: float | None = None
+    ) -> Iterator[Status]:
+        return self._portal.iterate(
+            self._async.iter_events(ref, with_logs=with_logs, timeout=timeout)
+        )
 
     def subscribe(
-        self, application: str, arguments: Mapping[str, Any] | None = None, **options: Any
+        self,
+        application: str,
+        arguments: Mapping[str, Any] | None = None,
+        *,
+        job_id: str | None = None,
+        with_logs: bool = False,
+        on_enqueue: Callable[[str], Any] | None = None,
+        on_queue_update: Callable[[Status], Any] | None = None,
+        timeout: float | None = None,
+        **submit_options: Any,
     ) -> Any:
-        return self._portal.call(self._async.subscribe(application, arguments, **options))
+        """:meth:`AsyncJobManager.subscribe`; ``submit_options`` are :meth:`submit`'s."""
+        subscribed = self._async.subscribe(
+            application,
+            arguments,
+            job_id=job_id,
+            with_logs=with_logs,
+            on_enqueue=on_enqueue,
+            on_queue_update=on_queue_update,
+            timeout=timeout,
+            **submit_options,
+        )
+        return self._portal.call(subscribed)
 
     def upload(
         self, data: str | bytes, content_type: str, file_name: str | None = None

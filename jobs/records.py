@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import (
     Row,
@@ -25,7 +25,7 @@ from .db import (
 )
 from .errors import ConfigError
 from .providers.base import RemoteRef
-from .states import State
+from .states import SUBMIT_FAILURES, State
 
 # Labels are stored as JSON: these bound what one job can make the database hold.
 MAX_LABELS = 64
@@ -105,6 +105,7 @@ class Job:
     retry_of: str | None
     tracked: bool
     start_timeout: float | None
+    cancel_after: float | None
 
     @classmethod
     def from_row(cls, row: Row[Any] | Mapping[str, Any]) -> Job:
@@ -187,6 +188,43 @@ def _job_positions(columns: tuple[str, ...]) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
+class SubmitOptions:
+    """What a submit may ask for besides the application and its input, defined once: the
+    keywords of :meth:`jobs.manager.AsyncJobManager.submit`, the optional fields of
+    ``POST /v1/jobs``, the options of ``jobsctl submit``/``run`` and of a batch all become
+    one of these, and :meth:`~jobs.manager.AsyncJobManager.new_job` checks it with the
+    provider."""
+
+    provider: str = "fal"
+    path: str | None = None
+    priority: str | None = None
+    hint: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    batch: str | None = None
+    batch_index: int | None = None
+    idempotency_key: str | None = None
+    webhook: bool = True  # asked for when JOBS_PUBLIC_URL says where to send it
+    download: bool | None = None  # None: JOBS_CACHE_FILES decides
+    start_timeout: float | None = None
+    cancel_after: float | None = None
+
+
+# What the submit of a job came to, as every caller reports it (:func:`submit_outcome`).
+SubmitOutcome = Literal["sent", "failed", "unconfirmed", "unsent"]
+
+
+def submit_outcome(job: Job) -> SubmitOutcome:
+    """``failed``: the submit itself failed (rejected, unreachable, or every attempt
+    unconfirmed); ``unconfirmed``: it may have reached the provider, nobody knows yet;
+    ``unsent``: recorded, provably never sent (sending again is safe); ``sent``."""
+    if job.state is State.FAILED and job.failure_reason in SUBMIT_FAILURES:
+        return "failed"
+    if job.state is State.SUBMITTING:
+        return "unsent" if job.attempts == 0 else "unconfirmed"
+    return "sent"
+
+
+@dataclass(frozen=True)
 class NewJob:
     """What a caller asks to submit."""
 
@@ -204,6 +242,7 @@ class NewJob:
     download_files: bool = False
     retry_of: str | None = None
     start_timeout: float | None = None
+    cancel_after: float | None = None
 
     def __post_init__(self) -> None:
         """Refuse (``ConfigError`` naming the field) a value its column cannot hold, before

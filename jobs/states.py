@@ -41,6 +41,15 @@ class FailureReason(enum.StrEnum):
     TIMEOUT = "timeout"
 
 
+# The reasons that mean the submit itself failed (the job never ran remotely).
+SUBMIT_FAILURES: frozenset[str] = frozenset(
+    {
+        FailureReason.SUBMIT_REJECTED,
+        FailureReason.SUBMIT_UNREACHABLE,
+        FailureReason.AMBIGUOUS_SUBMIT,
+    }
+)
+
 TERMINAL: frozenset[State] = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED})
 ACTIVE: frozenset[State] = frozenset(State) - TERMINAL
 

@@ -25,6 +25,7 @@ from jobs.batch import (
     wait_batch,
 )
 from jobs.providers.base import Observation, RemoteRef, Submitted
+from jobs.records import SubmitOptions
 from jobs.store import NewJob, Store
 from jobs.testing import FakeFalConfig, FakeFalServer, expected_file_bytes, input_hash
 
@@ -197,7 +198,7 @@ async def test_export_writes_one_folder_in_input_order(
         '{"prompt": "second", "_fake": {"fail": 422}}',
         '{"prompt": "third"}',
     ]
-    await submit_batch(jm, APP, read_lines(text), batch="ex", download=True)
+    await submit_batch(jm, APP, read_lines(text), batch="ex", options=SubmitOptions(download=True))
     await wait_batch(jm, batch="ex", timeout=30)
     out = tmp_path / "out"
     report = await export_batch(jm, "ex", str(out))

@@ -300,11 +300,12 @@ RELAXED = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=200) | st.from_type(dict).map(lambda d: json.dumps(d).encode()))
 def test_parse_submit_accepts_or_explains(raw: bytes) -> None:
     try:
-        options = parse_submit(raw)
+        application, arguments, options = parse_submit(raw)
     except InvalidRequest as exc:
         assert exc.status in (400, 422) and str(exc)
     else:
-        assert isinstance(options["application"], str) and isinstance(options["arguments"], dict)
+        assert isinstance(application, str) and isinstance(arguments, dict)
+        assert options.provider in ("fal", "replicate")
 
 
 @RELAXED

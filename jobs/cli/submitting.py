@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 from collections.abc import Callable
@@ -10,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..records import short_id
+from ..providers import NAMES as PROVIDERS
+from ..records import SubmitOptions, short_id, submit_outcome
 from .base import (
     DURATION,
     ENV_DB,
@@ -44,8 +46,12 @@ class OneSubmit:
 
     input: str | None
     idempotency_key: str | None
-    options: dict[str, Any]  # the manager's submit keywords: path, priority, labels, ...
+    options: SubmitOptions  # path, priority, labels, ...; the batch and key are set per call
     files: tuple[tuple[str, str], ...]  # --file KEY=PATH: (dotted key, path)
+
+    def for_job(self, batch: str | None) -> SubmitOptions:
+        """The options of one job (``--input``) of ``batch``."""
+        return dataclasses.replace(self.options, batch=batch, idempotency_key=self.idempotency_key)
 
     def arguments(self) -> dict[str, Any]:
         """The parsed ``--input`` (exits 2 when missing or not a JSON object)."""
@@ -60,6 +66,13 @@ def submit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option(
             "--input", "input_", metavar="JSON|@FILE|-", help="The model input, a JSON object."
+        ),
+        click.option(
+            "--provider",
+            type=click.Choice(PROVIDERS),
+            default="fal",
+            show_default=True,
+            help="Which remote API runs the application.",
         ),
         click.option("--path", help="Extra path after the application id (e.g. /image)."),
         click.option("--priority", type=click.Choice(["normal", "low"]), help="Queue priority."),
@@ -82,6 +95,7 @@ def submit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     def command(
         *args: Any,
         input_: str | None,
+        provider: str,
         path: str | None,
         priority: str | None,
         hint: str | None,
@@ -94,14 +108,15 @@ def submit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     ) -> Any:
         from ..uploads import parse_file_option
 
-        options = {
-            "path": path,
-            "priority": priority,
-            "hint": hint,
-            "labels": parse_labels(labels),
-            "webhook": not no_webhook,
-            "download": download,
-        }
+        options = SubmitOptions(
+            provider=provider,
+            path=path,
+            priority=priority,
+            hint=hint,
+            labels=parse_labels(labels),
+            webhook=not no_webhook,
+            download=download,
+        )
         with errors():
             pairs = tuple(parse_file_option(text) for text in files)
         return fn(*args, one=OneSubmit(input_, idempotency_key, options, pairs), **kwargs)
@@ -114,16 +129,23 @@ def submit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def explain_unsent(job: Job) -> None:
     """Exit 1 with what happens next, for a job that was rejected or whose submit may not
     have reached the queue."""
-    if job.state.value == "failed":
+    outcome = submit_outcome(job)
+    if outcome == "failed":
         fail(f"submit failed ({job.failure_reason}): {(job.error or {}).get('message')}", 1)
-    if job.state.value == "submitting":
-        # The sender settles every other ambiguous submit before it returns; what is left
-        # asked for a webhook under JOBS_AMBIGUOUS_POLICY=fail, which fal may still send.
+    if outcome == "unsent":
         fail(
-            f"job {short_id(job.id)}: the submit may or may not have reached fal; it stays "
-            "recorded: a running `jobsctl serve` adopts it when fal's webhook names it, or "
-            "fails it after the grace period (JOBS_AMBIGUOUS_POLICY=fail); without a server "
-            f"nothing settles it. `jobsctl show {short_id(job.id)}` shows each decision",
+            f"job {short_id(job.id)} is recorded but was not sent ({job.provider} could not be "
+            "reached); the same command sends it, and so does a running `jobsctl serve`",
+            EXIT_FAILED,
+        )
+    if outcome == "unconfirmed":
+        # The sender settles every other ambiguous submit before it returns; what is left
+        # asked for a webhook under JOBS_AMBIGUOUS_POLICY=fail, which may still come.
+        fail(
+            f"job {short_id(job.id)}: the submit may or may not have reached {job.provider}; "
+            "it stays recorded: a running `jobsctl serve` adopts it when a webhook names it, "
+            "or fails it after the grace period (JOBS_AMBIGUOUS_POLICY=fail); without a "
+            f"server nothing settles it. `jobsctl show {short_id(job.id)}` shows each decision",
             EXIT_FAILED,
         )
 
@@ -171,9 +193,7 @@ def submit(
         nonlocal arguments
         if one.files:
             arguments, _ = await manager.upload_inputs(arguments, one.files)
-        return await manager.submit(
-            application, arguments, batch=batch, idempotency_key=one.idempotency_key, **one.options
-        )
+        return await manager.submit_with(application, arguments, one.for_job(batch))
 
     job = run(action)
     show_one(job.to_dict(), output)
@@ -232,7 +252,7 @@ def submit_inputs(
                 batch=name,
                 concurrency=concurrency,
                 on_result=on_result,
-                **one.options,
+                options=one.options,
             )
 
     report = run(action)
@@ -274,10 +294,8 @@ def run_(
         nonlocal arguments
         if one.files:
             arguments, _ = await manager.upload_inputs(arguments, one.files)
-        job = await manager.submit(
-            application, arguments, batch=batch, idempotency_key=one.idempotency_key, **one.options
-        )
-        if job.state.value in ("failed", "submitting"):
+        job = await manager.submit_with(application, arguments, one.for_job(batch))
+        if submit_outcome(job) != "sent":
             return job
         await wait_for(manager, job.id, timeout=timeout, progress=progress)
         return await manager.result(job.id)
@@ -346,13 +364,20 @@ def retry(job: str | None, batch: str | None, reasons: tuple[str, ...], output: 
 )
 @click.argument("application")
 @click.argument("request_id")
+@click.option(
+    "--provider",
+    type=click.Choice(PROVIDERS),
+    default="fal",
+    show_default=True,
+    help="Which remote API the request was made on.",
+)
 @output_option
-def track(application: str, request_id: str, output: str | None) -> None:
+def track(application: str, request_id: str, provider: str, output: str | None) -> None:
     """Adopt a request submitted elsewhere (e.g. by fal_client): it is polled to the end
     and its result cached. A tracked job is never sent again by jobs."""
 
     async def action(manager: AsyncJobManager) -> Job:
-        return await manager.track(application, request_id)
+        return await manager.track(application, request_id, provider=provider)
 
     show_one(run(action).to_dict(), output)
 

@@ -132,6 +132,7 @@ def _new_job_values(new: NewJob, job_id: str, now: float) -> dict[str, Any]:
         "download_files": new.download_files,
         "retry_of": new.retry_of,
         "start_timeout": new.start_timeout,
+        "cancel_after": new.cancel_after,
         "attempts": 0,
         "polls": 0,
         "created_at": now,

@@ -19,7 +19,8 @@ from starlette.routing import Route
 
 from ..errors import ConfigError, JobFailed
 from ..manager import AsyncJobManager
-from ..records import Job, check_column_text, column_length
+from ..providers import NAMES as PROVIDERS
+from ..records import Job, SubmitOptions, check_column_text, column_length, submit_outcome
 from ..states import FailureReason, State
 from .errors import InvalidRequest, error_response
 from .params import int_param, state_param
@@ -28,6 +29,7 @@ from .params import int_param, state_param
 SUBMIT_FIELDS = {
     "application": True,
     "arguments": True,
+    "provider": False,
     "path": False,
     "priority": False,
     "hint": False,
@@ -103,8 +105,8 @@ def query_text(request: Request, name: str, limit: int) -> str | None:
     return value
 
 
-def parse_submit(raw: bytes) -> dict[str, Any]:
-    """The keyword arguments of ``AsyncJobManager.submit`` from a POST /v1/jobs body."""
+def parse_submit(raw: bytes) -> tuple[str, dict[str, Any], SubmitOptions]:
+    """The application, arguments and options of a POST /v1/jobs body."""
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
@@ -128,16 +130,21 @@ def parse_submit(raw: bytes) -> dict[str, Any]:
         isinstance(labels, dict) and all(isinstance(v, str) for v in labels.values())
     ):
         raise InvalidRequest("'labels' must be an object of string values", field="labels")
-    return {
-        "application": _text(body, "application", required=True),
-        "arguments": arguments,
-        "path": _text(body, "path"),
-        "priority": _text(body, "priority"),
-        "hint": _text(body, "hint"),
-        "labels": labels,
-        "batch": _text(body, "batch"),
-        "idempotency_key": _text(body, "idempotency_key"),
-    }
+    provider = body.get("provider", "fal")
+    if provider not in PROVIDERS:
+        raise InvalidRequest(f"'provider' must be one of {', '.join(PROVIDERS)}", field="provider")
+    application = _text(body, "application", required=True)
+    assert application is not None
+    options = SubmitOptions(
+        provider=provider,
+        path=_text(body, "path"),
+        priority=_text(body, "priority"),
+        hint=_text(body, "hint"),
+        labels=labels or {},
+        batch=_text(body, "batch"),
+        idempotency_key=_text(body, "idempotency_key"),
+    )
+    return application, arguments, options
 
 
 def _cursor(raw: str | None) -> str | None:
@@ -170,13 +177,12 @@ class JobsApi:
 
     async def submit(self, request: Request) -> Response:
         require_json(request)
-        options = parse_submit(await request.body())
-        job = await self.manager.submit(
-            options.pop("application"), **options, max_rate_wait=RATE_WAIT
+        application, arguments, options = parse_submit(await request.body())
+        job = await self.manager.submit_with(
+            application, arguments, options, max_rate_wait=RATE_WAIT
         )
-        failed = _FAILED_SUBMIT.get(job.failure_reason or "")
-        if job.state is State.FAILED and failed is not None:
-            status, kind = failed
+        if submit_outcome(job) == "failed":
+            status, kind = _FAILED_SUBMIT[job.failure_reason or ""]
             error = job.error or {}
             return error_response(
                 status,

@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ..providers import NAMES as PROVIDERS
 from ..providers.fal import PRIORITIES
 from ..states import FailureReason, State
 
@@ -63,8 +64,13 @@ SCHEMAS: dict[str, Any] = {
         "required": ["application", "arguments"],
         "additionalProperties": False,
         "properties": {
-            "application": {"type": "string", "description": "fal endpoint id"},
+            "application": {
+                "type": "string",
+                "description": "fal endpoint id, or a Replicate model (owner/name), version "
+                "(owner/name:id) or deployment (deployments/owner/name)",
+            },
             "arguments": {"type": "object", "description": "the model's input"},
+            "provider": {"enum": list(PROVIDERS), "default": "fal"},
             "path": _nullable("string", description="sub-path of the endpoint"),
             "priority": {"enum": [*PRIORITIES, None]},
             "hint": _nullable("string", description="X-Fal-Runner-Hint"),
