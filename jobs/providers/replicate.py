@@ -120,6 +120,10 @@ class Target:
         parts = model.split("/")
         if not all(_SEGMENT.fullmatch(p) for p in parts):
             raise refuse()
+        if parts[0] == "deployments":  # never a model owner: the prefix of deployments
+            if len(parts) != 3 or colon:
+                raise refuse()
+            return cls(kind="deployment", owner=parts[1], name=parts[2])
         if colon:
             if len(parts) != 2:
                 raise refuse()
@@ -129,8 +133,6 @@ class Target:
                     "lowercase hex digits"
                 )
             return cls(kind="version", owner=parts[0], name=parts[1], version=version)
-        if len(parts) == 3 and parts[0] == "deployments":
-            return cls(kind="deployment", owner=parts[1], name=parts[2])
         if len(parts) == 2:
             return cls(kind="model", owner=parts[0], name=parts[1])
         raise refuse()
