@@ -4,6 +4,7 @@ lost submit and webhooks, scripted with a mock transport (no network, no emulato
 from __future__ import annotations
 
 import base64
+import dataclasses
 import itertools
 import json
 from collections.abc import Callable, Iterator
@@ -165,7 +166,7 @@ async def test_each_naming_form_posts_to_its_endpoint(
 
 async def test_submit_sends_bearer_cancel_after_and_webhook_fields(make_provider: Build) -> None:
     provider, rec = make_provider([reply(201, prediction())], webhook_events=("start", "completed"))
-    await provider.submit(SubmitRequest(**{**REQ.__dict__, "cancel_after": 90.0}))
+    await provider.submit(dataclasses.replace(REQ, cancel_after=90.0))
     sent = rec.requests[0]
     assert sent.headers["authorization"] == f"Bearer {TOKEN}"
     assert sent.headers["cancel-after"] == "1m30s"
@@ -228,7 +229,7 @@ def test_check_refuses_what_replicate_cannot_receive(
     make_provider: Build, change: dict[str, Any], message: str
 ) -> None:
     provider, rec = make_provider([])
-    request = SubmitRequest(**{**REQ.__dict__, **change})
+    request = dataclasses.replace(REQ, **change)
     with pytest.raises(ConfigError, match=message) as caught:
         provider.check(request)
     assert "\n" not in str(caught.value)
@@ -597,7 +598,7 @@ async def test_find_submitted_deployment_without_a_deployment_field_is_unsure(
     request = SubmitRequest(application="deployments/acme/prod", arguments={"text": "hi"})
     provider, _ = make_provider([listing(prediction("aaa111"))])
     found = await provider.find_submitted(request, job_id="J1", since=SINCE)
-    assert not found.certain and "deployment" in found.detail
+    assert not found.certain and "do not name their deployment" in found.detail
     provider, _ = make_provider([listing(prediction("aaa111", deployment="acme/prod"))])
     found = await provider.find_submitted(request, job_id="J1", since=SINCE)
     assert found.certain and found.submitted is not None
@@ -784,3 +785,12 @@ def test_check_request_returns_the_target() -> None:
         "echo",
         VERSION,
     )
+
+
+async def test_find_submitted_with_removed_inputs_cannot_tell(make_provider: Build) -> None:
+    """A prediction whose input Replicate already removed might be the lost one: sending
+    again on the strength of "nothing matched" could pay twice."""
+    provider, _ = make_provider([listing(prediction("aaa111", input=None, data_removed=True))])
+    found = await provider.find_submitted(REQ, job_id="J1", since=SINCE)
+    assert (found.submitted, found.certain) == (None, False)
+    assert "input was removed" in found.detail and "aaa111" in found.detail

@@ -687,7 +687,7 @@ class ReplicateProvider:
         window = since - self.list_skew
         wanted_input = _canonical(dict(request.arguments))
         by_input: list[str] = []
-        unsure = 0
+        unsure: list[str] = []
         url: str | None = f"{self.api_url}/v1/predictions"
         params: dict[str, str] | None = {"created_after": _iso(window)}
         complete = False
@@ -730,13 +730,19 @@ class ReplicateProvider:
                         continue  # made with another webhook than ours sent: not ours
                 if prediction.get("source") not in (None, "api"):
                     continue  # made on the website, not by an API call
+                same = target.matches(prediction)
+                if same is False:
+                    continue
+                if prediction.get("data_removed") is True or prediction.get("input") is None:
+                    # Its input is gone (Replicate's one-hour retention): it may be ours.
+                    unsure.append(prediction_id)
+                    continue
                 if _canonical(prediction.get("input")) != wanted_input:
                     continue
-                same = target.matches(prediction)
-                if same is True:
+                if same is None:
+                    unsure.append(prediction_id)  # a deployment's, but which one?
+                else:
                     by_input.append(prediction_id)
-                elif same is None:
-                    unsure += 1
             following = body.get("next")
             if older_seen or not following:
                 complete = True
@@ -750,7 +756,9 @@ class ReplicateProvider:
             detail = f"more than {self.list_pages} pages of predictions since the submit"
         elif unsure:
             detail = (
-                f"{unsure} prediction(s) with the same input do not say which deployment made them"
+                f"{len(unsure)} prediction(s) may be this job's but cannot be compared (their "
+                "input was removed, or they do not name their deployment): "
+                f"{', '.join(unsure[:5])}"
             )
         elif len(by_input) > 1:
             detail = f"{len(by_input)} predictions match by input: {', '.join(by_input[:5])}"
