@@ -138,6 +138,8 @@ class Settings:
     cache_allow_hosts: tuple[str, ...] = ()
     replicate_api_token: Secret | None = None
     replicate_api_url: str = DEFAULT_REPLICATE_API_URL
+    # One or more ``whsec_...`` secrets, separated by spaces or commas: during a rotation
+    # both the old and the new secret verify (:attr:`replicate_webhook_secrets`).
     replicate_webhook_secret: Secret | None = None
     # What to do with a job whose submit may or may not have reached the provider.
     ambiguous_policy: str = "resubmit"
@@ -177,6 +179,7 @@ class Settings:
         _check_credential("FAL_KEY", self.fal_key)
         _check_credential("JOBS_API_TOKEN", self.api_token)
         _check_credential("REPLICATE_API_TOKEN", self.replicate_api_token)
+        _ = self.replicate_webhook_secrets  # a malformed secret is refused at load
         if self.cache_host_slots < 1:
             raise ConfigError(
                 f"JOBS_CACHE_HOST_SLOTS must be at least 1, not {self.cache_host_slots}"
@@ -186,6 +189,17 @@ class Settings:
                 f"JOBS_CACHE_DIR {self.cache_dir!r} is a file, not a directory; "
                 "point it at a directory (it is created if missing)"
             )
+
+    @property
+    def replicate_webhook_secrets(self) -> tuple[Secret, ...]:
+        """The secrets in ``JOBS_REPLICATE_WEBHOOK_SECRET``, each checked (``ConfigError``
+        for one that is not ``whsec_`` and base64 of 24 to 64 bytes)."""
+        if self.replicate_webhook_secret is None:
+            return ()
+        # imported only when set: it pulls in the signature code
+        from .providers.standard_webhooks import parse_secrets
+
+        return parse_secrets(self.replicate_webhook_secret.reveal())
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -1,4 +1,4 @@
-"""Remote queue APIs. Everything ``jobs`` knows about fal (and later Replicate) lives here.
+"""Remote queue APIs. Everything ``jobs`` knows about fal and Replicate lives here.
 
 :func:`create` builds a provider from the settings and imports its HTTP stack only then, so
 commands that never talk to a provider (``jobs status``, ``jobs list``) start quickly.
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from .fal_cdn import FalCdn
     from .fal_stream import FalStream
 
-NAMES = ("fal",)
+NAMES = ("fal", "replicate")
 
 
 def create(
@@ -36,6 +36,17 @@ def create(
             client=client,
             keys=JwksCache(settings.fal_jwks_url, client),
             account=settings.fal_user_id,
+            gate=RateGate(on_wait=on_rate_wait),
+        )
+    if name == "replicate":
+        from .http import RateGate, make_client
+        from .replicate import ReplicateProvider
+
+        return ReplicateProvider(
+            api_url=settings.replicate_api_url,
+            token=settings.replicate_api_token,
+            client=make_client(),
+            webhook_secrets=settings.replicate_webhook_secrets,
             gate=RateGate(on_wait=on_rate_wait),
         )
     raise ConfigError(f"unknown provider {name!r}; this version knows {', '.join(NAMES)}")
