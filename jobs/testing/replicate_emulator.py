@@ -246,65 +246,68 @@ class FakeReplicate:
         await self._webhooks.stop()
 
     def tick(self, now: float | None = None) -> None:
-        """Apply what time did: webhooks for starts, progress and ends; expired data goes."""
-        at = self.now() if now is None else now
-        for kind, prediction in self.table.due(at):
+        """Apply what time did: webhooks for starts, progress and ends; expired data goes.
+
+        Each message shows the prediction as it was at the instant of its event, however
+        late the loop runs, so bodies do not depend on the loop's timing.
+        """
+        for at, kind, prediction in self.table.due(self.now() if now is None else now):
             if kind == START:
                 if "start" in prediction.events:
-                    self._send(prediction, "start", at)
+                    self._send(prediction, "start", at, terminal=False)
                 self._progress(prediction, at)
             elif kind == EMIT:
                 self._progress(prediction, at)
             else:
                 self._ended(prediction, at)
-        self.table.expire(at)
+        self.table.expire(self.now() if now is None else now)
 
-    def _send(self, prediction: FakePrediction, event: str, now: float) -> None:
+    def _send(self, prediction: FakePrediction, event: str, at: float, terminal: bool) -> None:
         if prediction.webhook is None:
             return
-        body = _asgi.dumps(prediction.to_json(now, self.config.retention))
-        terminal = prediction.status(now) in TERMINAL
+        body = _asgi.dumps(prediction.to_json(at, self.config.retention))
         self._webhooks.send(prediction.id, event, prediction.webhook, body, terminal)
 
-    def _progress(self, prediction: FakePrediction, now: float) -> None:
-        """Send a logs/output event if something new appeared and the throttle allows;
-        schedule the next look."""
+    def _progress(self, prediction: FakePrediction, at: float) -> None:
+        """Send a logs/output event if something new appeared by ``at`` and the throttle
+        allows; schedule the next look."""
         events = prediction.events
         want_logs = "logs" in events and prediction.log_lines > 0
         want_output = "output" in events and prediction.files > 0
         if prediction.webhook is None or not (want_logs or want_output):
             return
-        if prediction.status(now) in TERMINAL:
-            return
-        lines = prediction.emitted(prediction.log_lines, now) if want_logs else 0
-        files = prediction.emitted(prediction.files, now) if want_output else 0
+        if prediction.status(at) in TERMINAL:
+            return  # the end sends its own message
+        lines = prediction.emitted(prediction.log_lines, at) if want_logs else 0
+        files = prediction.emitted(prediction.files, at) if want_output else 0
         ready = prediction.last_progress_at + self.config.webhook_throttle
         if lines > prediction.sent_logs or files > prediction.sent_files:
-            if now < ready:
+            if at < ready:
                 self.table.schedule_emit(prediction, ready)
                 return
-            self._send(prediction, "output" if files > prediction.sent_files else "logs", now)
+            event = "output" if files > prediction.sent_files else "logs"
+            self._send(prediction, event, at, terminal=False)
             prediction.sent_logs, prediction.sent_files = lines, files
-            prediction.last_progress_at = now
-            ready = now + self.config.webhook_throttle
+            prediction.last_progress_at = at
+            ready = at + self.config.webhook_throttle
         upcoming = [
-            at
-            for at in (
-                prediction.next_emission(prediction.log_lines, now) if want_logs else None,
-                prediction.next_emission(prediction.files, now) if want_output else None,
+            when
+            for when in (
+                prediction.next_emission(prediction.log_lines, at) if want_logs else None,
+                prediction.next_emission(prediction.files, at) if want_output else None,
             )
-            if at is not None
+            if when is not None
         ]
         if upcoming:
-            self.table.schedule_emit(prediction, max(min(upcoming), ready, now + _MIN_STEP))
+            self.table.schedule_emit(prediction, max(min(upcoming), ready, at + _MIN_STEP))
 
-    def _ended(self, prediction: FakePrediction, now: float) -> None:
+    def _ended(self, prediction: FakePrediction, at: float) -> None:
         events = prediction.events
         if "completed" in events:
-            self._send(prediction, "completed", now)
-        elif "output" in events and prediction.status(now) != "aborted":
+            self._send(prediction, "completed", at, terminal=True)
+        elif "output" in events and prediction.status(at) != "aborted":
             # No completed event asked for: the final output still arrives as an output event.
-            self._send(prediction, "output", now)
+            self._send(prediction, "output", at, terminal=True)
 
     async def _run(self) -> None:
         while True:

@@ -678,13 +678,14 @@ class PredictionTable:
         items = self._ordered[start:stop][::-1]
         return items, start > low, stop < high
 
-    def due(self, now: float) -> list[tuple[int, FakePrediction]]:
-        """Pop every heap entry due at ``now``: ``(kind, prediction)``, stale ones skipped.
+    def due(self, now: float) -> list[tuple[float, int, FakePrediction]]:
+        """Pop every heap entry due at ``now``: ``(instant, kind, prediction)``, stale ones
+        skipped. The instant is when it happened, however late the loop looks.
 
         An END is announced once per prediction (``finalized``); a START whose time moved
         (canceled before it started) and an END superseded by a cancel are stale.
         """
-        out: list[tuple[int, FakePrediction]] = []
+        out: list[tuple[float, int, FakePrediction]] = []
         heap = self._heap
         while heap and heap[0][0] <= now:
             at, kind, _, pid = heapq.heappop(heap)
@@ -699,7 +700,7 @@ class PredictionTable:
                 prediction.finalized = True
                 self._stats.completed += 1
                 self._finished.append(prediction)
-            out.append((kind, prediction))
+            out.append((at, kind, prediction))
         return out
 
     def schedule_emit(self, prediction: FakePrediction, at: float) -> None:
