@@ -12,7 +12,8 @@ one background loop (every ``config.tick`` seconds) pops a heap of instants to s
 webhooks (:mod:`jobs.testing.replicate_webhooks`) and forget expired data, each fault
 rate is exact (one random draw per API request, reproducible with ``seed``), and every
 request is counted (``stats``). Faults, latency and the token apply to the API endpoints
-only, never to ``/_fake/*``.
+only, never to ``/_fake/*``; the fault is drawn before the token is checked, as a gateway
+throttles before it authenticates.
 
 Endpoints (API ones need ``Authorization: Bearer <config.token>`` when a token is set;
 otherwise 401 with a problem-details body)::
@@ -45,6 +46,8 @@ The reply is 201 with the prediction object::
      "error", "source": "api", "status", "created_at", "started_at", "completed_at"
      (ISO-8601, "Z"), "metrics": {"predict_time"} once terminal, "urls": {get, cancel, web}}
 
+(``urls`` are built on the emulator's own base URL; ``web`` is not served.)
+
 Statuses: ``starting`` for ``queue_time`` s, ``processing`` for ``duration`` s, then
 ``succeeded`` (output ``{"echo": input}``), ``failed`` (``error`` set), or ``canceled`` /
 ``aborted``. Cancel on a finished prediction changes nothing and answers 200. After
@@ -74,8 +77,14 @@ Also exact: ``create_limit_per_minute`` (a token bucket of ``create_limit_burst`
 creates beyond it with the same 429 (header and body) and creates nothing. Webhooks have
 ``webhook_loss_rate`` (a message is never sent, nor retried) and
 ``webhook_duplicate_rate`` (sent twice, the same ``webhook-id``); see the webhook module
-for events, throttling (``output``/``logs`` at most one per ``webhook_throttle`` s) and
-the retry schedule of the terminal message.
+for the signature and the retry schedule of the terminal message.
+
+Webhook events: ``start`` when processing begins, ``logs`` / ``output`` when new log lines
+or files appeared (at most one of either per ``webhook_throttle`` s, 0.5 by default, the
+rest folded into the next), ``completed`` at the end (aborted included). Without
+``completed`` in the filter but with ``output``, the end is sent as an ``output`` event.
+The message at the end is the only one retried. Each body is the prediction as it was at
+the instant of its event.
 
 Time: ``clock`` (monotonic) and ``wall_clock`` are injectable, and :meth:`FakeReplicate.advance`
 moves the emulator's time forward (e.g. past the hour of retention) without waiting.
@@ -491,7 +500,7 @@ class FakeReplicate:
             await self._throttled(send, limited, True)
             return
         prediction = self.table.create(new, self.now(), self.wall())
-        self._models_by_version.setdefault(prediction.version, prediction.model)
+        self._models_by_version[prediction.version] = prediction.model
         if fault in ("drop", "error_500"):
             await _fault_reply(fault, receive, send)
             return
