@@ -1,4 +1,5 @@
-"""Commands that run something: ``db upgrade``, ``serve``, ``fake-fal``, ``demo``."""
+"""Commands that run something: ``db upgrade``, ``serve``, ``fake-fal``, ``fake-replicate``,
+``demo``."""
 
 from __future__ import annotations
 
@@ -198,6 +199,53 @@ def fake_fal(host: str, port: int, latency: float, duration: float, fail_rate: f
     with errors():
         config = FakeFalConfig(latency=latency, duration=duration, fail_rate=fail_rate)
         run_fake_fal(host, port, config, on_listening=listening)
+
+
+FAKE_REPLICATE_HELP = """Run the local Replicate-compatible predictions API emulator.
+
+It prints the URL it listens on (with --port 0, a free port). Point jobs at it with
+JOBS_REPLICATE_API_URL=URL (the replicate package: REPLICATE_BASE_URL=URL) and any
+REPLICATE_API_TOKEN; its webhook secret is served at GET /v1/webhooks/default/secret.
+
+\b
+A prediction's input may carry "_fake": {...} to shape it:
+  duration     seconds it runs (default --duration)
+  queue_time   seconds it stays "starting" first
+  fail         true, or an error message: it runs, then fails
+  logs         number of progress lines appended to its logs while it runs
+  files        number of output files (PNG URLs served by the emulator)
+  output       the output value on success (default {"echo": input})
+Control routes: GET /_fake/stats, POST /_fake/reset, GET|POST /_fake/config.
+"""
+
+
+@main.command(
+    "fake-replicate",
+    help=FAKE_REPLICATE_HELP,
+    epilog=help_epilog(
+        [
+            "jobsctl fake-replicate --port 0 --duration 2",
+            "jobsctl fake-replicate --port 8766 --fail-rate 0.1",
+        ],
+        "none",
+    ),
+)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8766, show_default=True)
+@click.option("--latency", type=float, default=0.0, show_default=True, help="Seconds per reply.")
+@click.option(
+    "--duration", type=float, default=5.0, show_default=True, help="Seconds a prediction runs."
+)
+@click.option("--fail-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True)
+def fake_replicate(host: str, port: int, latency: float, duration: float, fail_rate: float) -> None:
+    from ..testing import FakeReplicateConfig, run_fake_replicate
+
+    def listening(url: str) -> None:
+        say(f"fake replicate API on {url} (JOBS_REPLICATE_API_URL={url})")
+
+    with errors():
+        config = FakeReplicateConfig(latency=latency, duration=duration, fail_rate=fail_rate)
+        run_fake_replicate(host, port, config, on_listening=listening)
 
 
 @main.command(epilog=help_epilog(["jobsctl demo", "jobsctl demo --duration 2"], "none"))

@@ -1,4 +1,5 @@
-"""Test doubles shipped with the package: a local fal-compatible queue emulator.
+"""Test doubles shipped with the package: local fal-compatible and Replicate-compatible
+emulators.
 
 Like procrastinate's ``testing`` module and httpx's ``MockTransport``, the double lives in
 the package so the project's tests, its benchmarks, the demo and users' own tests all run
@@ -13,6 +14,13 @@ per-input ``_fake`` overrides and the fault semantics.
 One server stands in for every fal host: the queue (``server.url``), the REST host and CDN
 for uploads (``server.url`` too; see :mod:`jobs.testing.fal_cdn`, files in
 ``server.fake.cdn``) and the direct host's ``/stream`` (``server.run_url``).
+
+The Replicate emulator (:mod:`jobs.testing.replicate_emulator`) is built the same way:
+
+    from jobs.testing import FakeReplicateConfig, FakeReplicateServer
+
+    with FakeReplicateServer(FakeReplicateConfig(token="r8_test")) as server:
+        ...  # replicate.Client(api_token="r8_test", base_url=server.url); server.fake.stats
 """
 
 from jobs.testing.fal_cdn import FakeCdn, StoredFile
@@ -26,7 +34,19 @@ from jobs.testing.fal_model import (
     input_hash,
 )
 from jobs.testing.fal_webhooks import webhook_payload
-from jobs.testing.server import FakeFalServer, run_fake_fal
+from jobs.testing.replicate_emulator import FakeReplicate
+from jobs.testing.replicate_model import (
+    FakePrediction,
+    FakeReplicateConfig,
+    FakeReplicateStats,
+    PredictionCounters,
+)
+from jobs.testing.server import (
+    FakeFalServer,
+    FakeReplicateServer,
+    run_fake_fal,
+    run_fake_replicate,
+)
 
 __all__ = [
     "FakeCdn",
@@ -34,11 +54,18 @@ __all__ = [
     "FakeFalConfig",
     "FakeFalServer",
     "FakeFalStats",
+    "FakePrediction",
+    "FakeReplicate",
+    "FakeReplicateConfig",
+    "FakeReplicateServer",
+    "FakeReplicateStats",
     "FakeRequest",
+    "PredictionCounters",
     "RequestCounters",
     "StoredFile",
     "expected_file_bytes",
     "input_hash",
     "run_fake_fal",
+    "run_fake_replicate",
     "webhook_payload",
 ]
