@@ -30,7 +30,7 @@ from jobs.providers.replicate import (
 from jobs.providers.signatures import SignatureError
 from jobs.providers.standard_webhooks import sign
 from jobs.states import FailureReason, State
-from jobs.store import _log_key
+from jobs.store.transitions import _log_key
 
 API = "https://api.replicate.test"
 TOKEN = "r8_do-not-show-this-token"

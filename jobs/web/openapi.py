@@ -162,6 +162,20 @@ SCHEMAS: dict[str, Any] = {
             "payload_error": {"type": "string"},
         },
     },
+    "ReplicatePrediction": {
+        "type": "object",
+        "required": ["id", "status"],
+        "properties": {
+            "id": {"type": "string"},
+            "status": {
+                "enum": ["starting", "processing", "succeeded", "failed", "canceled", "aborted"]
+            },
+            "output": {"description": "the result once succeeded"},
+            "error": {"description": "why it failed"},
+            "logs": _nullable("string"),
+            "metrics": {"type": ["object", "null"]},
+        },
+    },
     "WebhookAck": {
         "type": "object",
         "required": ["ok", "outcome"],
@@ -434,6 +448,47 @@ PATHS: dict[str, Any] = {
             },
         }
     },
+    "/v1/webhooks/replicate": {
+        "post": {
+            "summary": "Replicate prediction callback (Standard Webhooks, HMAC-SHA256)",
+            "parameters": [
+                {
+                    "name": "job",
+                    "in": "query",
+                    "description": "our job id, in the URL we gave Replicate",
+                    "schema": {"type": "string"},
+                },
+                {
+                    "name": "attempt",
+                    "in": "query",
+                    "description": "which submit attempt of the job this URL was given to",
+                    "schema": {"type": "integer", "minimum": 1},
+                },
+                *(
+                    {"name": name, "in": "header", "required": True, "schema": {"type": "string"}}
+                    for name in ("webhook-id", "webhook-timestamp", "webhook-signature")
+                ),
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref("ReplicatePrediction")}},
+            },
+            "responses": {
+                "200": _json(
+                    _ref("WebhookAck"),
+                    "accepted (also repeats of a message, unknown predictions and second "
+                    "predictions for one job, none of them applied)",
+                ),
+                "400": _error("authentic but malformed"),
+                "401": _error("missing signature headers, stale timestamp or bad signature"),
+                "413": _error("body over the size limit"),
+                "503": _error(
+                    "JOBS_REPLICATE_WEBHOOK_SECRET is not set, so nothing can be verified; "
+                    "Replicate retries the final webhook for about a minute"
+                ),
+            },
+        }
+    },
     "/healthz": {
         "get": {
             "summary": "Database health",
@@ -665,6 +720,7 @@ OPERATIONS: dict[tuple[str, str], tuple[str, str]] = {
     ("/v1/batches", "get"): ("listBatches", "batches"),
     ("/v1/batches/{name}", "get"): ("getBatch", "batches"),
     ("/v1/webhooks/fal", "post"): ("receiveFalWebhook", "webhooks"),
+    ("/v1/webhooks/replicate", "post"): ("receiveReplicateWebhook", "webhooks"),
     ("/healthz", "get"): ("getHealth", "operations"),
     ("/metrics", "get"): ("getMetrics", "operations"),
     ("/openapi.json", "get"): ("getOpenApi", "operations"),
