@@ -457,7 +457,8 @@ async def export_batch(
                     report.files += sum(1 for f in line["files"] if f["path"])
                     report.missing_files += sum(1 for f in line["files"] if not f["path"])
                     if not line["files"] and line.get("result"):
-                        report.not_downloaded += len(find_files(line["result"]))
+                        found = find_files(line["result"], line["provider"])
+                        report.not_downloaded += len(found)
         os.replace(temp, target / "results.jsonl")
     finally:
         temp.unlink(missing_ok=True)
@@ -492,6 +493,7 @@ def export_line(job: Job, results: Mapping[str, Any], saved: Sequence[SavedFile]
     line: dict[str, Any] = {
         "batch_index": job.batch_index,
         "id": job.id,
+        "provider": job.provider,
         "request_id": job.request_id,
         "state": job.state.value,
         "input": job.arguments,

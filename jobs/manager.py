@@ -379,6 +379,11 @@ class AsyncJobManager:
             adopted = await self._probe(provider, job, exc.request_id)
             if adopted is not None:
                 return adopted
+        found = await self.look_up(job)
+        if isinstance(found, Job):
+            return found
+        if found and job.attempts < self.settings.max_submit_attempts:
+            return None  # provably not created: sending again is safe
         decision = self.ambiguous_decision(job, self.settings.ambiguous_policy, waited=False)
         if decision == "fail":
             return (await self.fail_ambiguous(job)).job
@@ -413,6 +418,32 @@ class AsyncJobManager:
         )
         queued = Observation(state=State.QUEUED, source="submit")
         return await self._submitted(job, Submitted(ref=ref, observation=queued))
+
+    async def look_up(self, job: Job) -> Job | bool:
+        """Ask the provider whether a submit of ``job`` whose reply was lost made a request
+        (Replicate lists the predictions it created; fal cannot say). The job adopted with
+        the request found; True when provably none was created; False when nobody can
+        tell, and the ambiguous policy decides. Each answer is an event on the job."""
+        provider = self.provider(job.provider)
+        request = self._request(job.application, job.arguments, job)
+        lookup = await provider.find_submitted(request, job_id=job.id, since=job.created_at)
+        if lookup.submitted is not None:
+            AMBIGUOUS_DECISIONS.labels("lookup").inc()
+            detail = {"request_id": lookup.submitted.ref.request_id, "how": lookup.detail}
+            await self.store.aio.run(
+                self.store.record_event,
+                job.id,
+                "ambiguous_resolved",
+                reason="lookup",
+                detail=detail,
+            )
+            return await self._submitted(job, lookup.submitted)
+        kind = "ambiguous_resolved" if lookup.certain else "ambiguous_lookup"
+        reason = "not created" if lookup.certain else "unknown"
+        await self.store.aio.run(
+            self.store.record_event, job.id, kind, reason=reason, detail={"how": lookup.detail}
+        )
+        return lookup.certain
 
     def ambiguous_decision(self, job: Job, policy: str, *, waited: bool) -> AmbiguousDecision:
         """What to do with a job whose last attempt may have reached the queue: ``fail``
@@ -772,6 +803,7 @@ class AsyncJobManager:
             attempt=delivery.attempt,
             account=remote.account,
             backoff=Backoff(self.poll_policy),
+            delivery_id=delivery.delivery_id,
         )
         delivered = await self.writer.write(callback)
         if delivered.duplicate is not None:

@@ -51,6 +51,9 @@ CONCURRENCY = 64  # most polls in flight (claims never exceed the free slots)
 AMBIGUOUS_GRACE = 120.0  # seconds a job may sit in submitting before the resolver decides
 # (longer than a submit can take: a 30 s reply timeout, retries only while nothing was sent)
 AMBIGUOUS_PERIOD = 10.0  # seconds between runs of the ambiguous resolver
+# Seconds a webhook message id is remembered: providers retry for minutes (Replicate) to
+# about two hours (fal); a repeat after a day is answered by the compare-and-set anyway.
+DELIVERY_MEMORY = 24 * 3600.0
 STOP_TIMEOUT = 10.0  # seconds stop() lets in-flight polls finish before cancelling them
 
 
@@ -175,7 +178,9 @@ class Poller:
 
         - ``attempts == 0``: nothing ever left, so sending is safe (``submit_sent``,
           reason ``never sent``);
-        - ``attempts > 0``, no request id: the submit may have reached the queue. Policy
+        - ``attempts > 0``, no request id: the submit may have reached the queue. The
+          provider is asked first (:meth:`AsyncJobManager.look_up`): a request it names is
+          adopted, one it proves was never created is sent again; otherwise policy
           ``resubmit`` sends again (``submit_sent``, reason ``ambiguous resubmit``: at least
           once), policy ``fail`` ends the job (``failed``, reason ``ambiguous_submit``), and
           so does ``JOBS_MAX_SUBMIT_ATTEMPTS`` sends made.
@@ -190,6 +195,12 @@ class Poller:
         decided = 0
         seen: set[str] = set()
         sem = asyncio.Semaphore(self.concurrency)
+        store = self.manager.store
+        try:
+            await store.aio.run(store.forget_deliveries, time.time() - DELIVERY_MEMORY)
+        except Exception:
+            POLLER_ERRORS.labels("resolve").inc()
+            log.exception("forgetting old webhook message ids failed; the next run tries again")
 
         async def decide(job: Job) -> bool:
             async with sem:
@@ -204,7 +215,6 @@ class Poller:
         while not self._stopping:
             older_than = time.time() - self.ambiguous_grace
             try:
-                store = self.manager.store
                 found = await store.aio.run(
                     store.ambiguous, older_than=older_than, limit=self.batch
                 )
@@ -225,6 +235,12 @@ class Poller:
     async def _decide(self, job: Job) -> bool:
         if job.attempts == 0:
             return await self._send(job, "never sent", decision="send")
+        found = await self.manager.look_up(job)
+        if not isinstance(found, bool):
+            return True  # the provider named the request: adopted
+        max_attempts = self.manager.settings.max_submit_attempts
+        if found and job.attempts < max_attempts:
+            return await self._send(job, "not created", decision="resubmit")
         decision = self.manager.ambiguous_decision(job, self.ambiguous_policy, waited=True)
         if decision == "resubmit":
             return await self._send(job, "ambiguous resubmit", decision="resubmit")

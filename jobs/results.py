@@ -53,6 +53,7 @@ from .config import (
 )
 from .egress import AddressPolicy, GuardedResolver, refusal_in
 from .errors import ConfigError
+from .providers import file_reader
 from .providers.http import RETRY_STATUSES, RetryPolicy, make_client, parse_retry_after
 from .records import JobFile, NewFile, iso
 from .store import Store
@@ -72,7 +73,6 @@ STALE_TEMP = 3600.0  # temp files older than this are leftovers of a crash; gc r
 TEMP_DIR = "tmp"
 MAX_COLUMN_TEXT = 255  # job_files.file_name and content_type (jobs/db.py)
 MAX_NAME_BYTES = 255  # the longest file name most file systems accept
-FILE_KEYS = ("content_type", "file_name", "file_size")  # besides "url": a fal File object
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _UNSAFE_NAME = re.compile(r"[\x00-\x1f\x7f/\\:]")
 
@@ -90,26 +90,29 @@ class _Transient(DownloadError):
 # --- finding files in a result -------------------------------------------------------------
 
 
-def find_files(result: Any) -> list[NewFile]:
-    """Every fal File/Image object in a result (a mapping with a string ``url`` and one of
-    ``content_type``, ``file_name``, ``file_size``), in document order, with its JSON path."""
+def find_files(result: Any, provider: str) -> list[NewFile]:
+    """Every file in a ``provider`` result (what its :func:`jobs.providers.file_reader`
+    recognises: fal's File objects, Replicate's output URLs), in document order, with its
+    JSON path."""
+    file_of = file_reader(provider)
     found: list[NewFile] = []
     stack: list[tuple[Any, str]] = [(result, "$")]
     while stack:
         value, path = stack.pop()
-        if isinstance(value, Mapping):
-            url = value.get("url")
-            if isinstance(url, str) and any(k in value for k in FILE_KEYS):
-                found.append(
-                    NewFile(
-                        n=len(found),
-                        url=url.replace("\x00", "%00"),
-                        json_path=path,
-                        file_name=_text(value.get("file_name")),
-                        content_type=_text(value.get("content_type")),
-                    )
+        seen = file_of(value)
+        if seen is not None:
+            url, file_name, content_type = seen
+            found.append(
+                NewFile(
+                    n=len(found),
+                    url=url.replace("\x00", "%00"),
+                    json_path=path,
+                    file_name=_text(file_name),
+                    content_type=_text(content_type),
                 )
-                continue
+            )
+            continue
+        if isinstance(value, Mapping):
             children = [(item, _child_path(path, str(key))) for key, item in value.items()]
         elif isinstance(value, list):
             children = [(item, f"{path}[{i}]") for i, item in enumerate(value)]
@@ -239,7 +242,9 @@ class FileCache:
         found, result = await self.store.aio.run(self.store.result, job_id)
         if not found:
             return await self.store.aio.run(self.store.files, job_id)
-        rows = await self.store.aio.run(self.store.add_files, job_id, find_files(result))
+        job = await self.store.aio.run(self.store.get, job_id)
+        files = find_files(result, job.provider)
+        rows = await self.store.aio.run(self.store.add_files, job_id, files)
         todo = [f for f in rows if self._needs_download(f, retry_failed)]
         if not todo:
             return rows

@@ -452,7 +452,7 @@ def test_files_with_long_or_nul_names_are_all_recorded(sqlite_migrated_url: str)
     store = Store.open(sqlite_migrated_url)
     try:
         job, _ = store.create_job(NewJob(application=APP, arguments={}))
-        rows = store.add_files(job.id, find_files(result))
+        rows = store.add_files(job.id, find_files(result, "fal"))
         assert len(rows) == 2
         assert len(rows[0].file_name or "") == 255 and rows[1].file_name == "xy.png"
         assert "\x00" not in rows[1].url
@@ -517,7 +517,7 @@ def test_inputs_the_columns_refused_are_handled_on_both_databases(
             "a": {"url": "https://cdn/a.png", "file_name": "n" * 1000, "content_type": "x/y"},
             "b": {"url": "https://cdn/b\x00.png", "file_name": "x\x00y", "content_type": "i\x00"},
         }
-        assert len(store.add_files(job.id, find_files(result))) == 2
+        assert len(store.add_files(job.id, find_files(result, "fal"))) == 2
         assert store.list_jobs(application="a\x00", batch="b" * 300) == []
         with pytest.raises(Exception, match="no job"):
             store.get("id\x00")

@@ -81,7 +81,7 @@ def test_find_files_walks_the_whole_result_in_order() -> None:
         "seed": 7,
         "link": {"url": "https://example.com"},  # a url alone is not a fal File
     }
-    found = find_files(result)
+    found = find_files(result, "fal")
     assert [(f.n, f.url, f.json_path) for f in found] == [
         (0, "https://cdn/a.png", "$.images[0]"),
         (1, "https://cdn/b.png", "$.images[1]"),
@@ -89,7 +89,7 @@ def test_find_files_walks_the_whole_result_in_order() -> None:
         (3, "https://cdn/c.bin", '$.nested["odd key"][0]'),
     ]
     assert found[0].file_name == "out.png" and found[0].content_type == "image/png"
-    assert find_files(None) == [] and find_files([1, "x"]) == []
+    assert find_files(None, "fal") == [] and find_files([1, "x"], "fal") == []
 
 
 @pytest.mark.parametrize(
@@ -444,7 +444,7 @@ def any_store(db_url: str) -> Iterator[Store]:
 
 def test_file_rows_are_recorded_once_and_updated(any_store: Store) -> None:
     job = _succeeded(any_store, {"a": _image("https://cdn/a"), "b": _image("https://cdn/b")})
-    found = find_files({"a": _image("https://cdn/a"), "b": _image("https://cdn/b")})
+    found = find_files({"a": _image("https://cdn/a"), "b": _image("https://cdn/b")}, "fal")
     rows = any_store.add_files(job.id, found)
     assert [(f.n, f.state, f.json_path) for f in rows] == [
         (0, "pending", "$.a"),
@@ -463,7 +463,7 @@ def test_file_rows_are_recorded_once_and_updated(any_store: Store) -> None:
 
 def test_gc_batch_takes_only_old_finished_jobs_in_slices(any_store: Store) -> None:
     jobs = [_succeeded(any_store, {"n": i}) for i in range(5)]
-    any_store.add_files(jobs[0].id, find_files({"f": _image("https://cdn/f")}))
+    any_store.add_files(jobs[0].id, find_files({"f": _image("https://cdn/f")}, "fal"))
     cutoff = time.time() + 1
     later = _succeeded(any_store, {"n": "later"})
     first = any_store.gc_batch(cutoff, limit=3)
@@ -491,7 +491,7 @@ async def test_files_are_served_over_http(jm: AsyncJobManager, fal: FakeFalServe
     async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         pending = await client.get(f"/v1/jobs/{job.id}/files/0")
         assert pending.status_code == 404  # nothing recorded yet: not asked to download
-        await jm.store.aio.run(jm.store.add_files, job.id, find_files(result))
+        await jm.store.aio.run(jm.store.add_files, job.id, find_files(result, "fal"))
         pending = await client.get(f"/v1/jobs/{job.id}/files/0")
         assert pending.status_code == 409 and pending.json()["error"]["type"] == "not_ready"
         await jm.files.fetch(job.id)
@@ -505,3 +505,20 @@ async def test_files_are_served_over_http(jm: AsyncJobManager, fal: FakeFalServe
         assert (await client.get(f"/v1/jobs/{job.id}/files/7")).status_code == 404
         assert (await client.get(f"/v1/jobs/{job.id}/files/x")).status_code == 404
         assert (await client.get("/v1/jobs/nope/files/0")).status_code == 404
+
+
+def test_replicate_output_urls_are_its_files() -> None:
+    """Replicate gives output files as plain URLs (kept one hour): each is a file to cache;
+    other strings are not, and fal's File objects mean nothing there."""
+    output = {"images": ["https://replicate.delivery/a.png", "not a url"], "n": 2}
+    found = find_files(output, "replicate")
+    assert [(f.url, f.json_path) for f in found] == [
+        ("https://replicate.delivery/a.png", "$.images[0]")
+    ]
+    assert [f.url for f in find_files(["http://x/1.webp", "https://x/2.webp"], "replicate")] == [
+        "http://x/1.webp",
+        "https://x/2.webp",
+    ]
+    nested = find_files({"url": "https://a/b.png", "content_type": "image/png"}, "replicate")
+    assert [(f.json_path, f.content_type) for f in nested] == [("$.url", None)]
+    assert find_files("https://a/b.png", "fal") == []

@@ -3,6 +3,7 @@ transitions (stale, duplicated, out-of-order and concurrent observations), claim
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -266,3 +267,39 @@ def test_list_and_counts(store: Store) -> None:
     assert [j.id for j in store.list_jobs(batch="x")] == [jobs[3].id, jobs[1].id]
     assert store.count_by_state()[State.QUEUED] == 4
     assert store.count_by_state(batch="x")[State.SUCCEEDED] == 0
+
+
+def test_a_repeated_message_is_answered_without_touching_the_job(store: Store) -> None:
+    """Replicate retries its final webhook with the same webhook-id: the repeat is a
+    duplicate, even when it says something else (a replay cannot undo a result), until the
+    id is forgotten."""
+    job = _queued(store, "pred-1", provider="replicate")
+    first = Callback(OK, provider="replicate", request_id="pred-1", user_id=None, delivery_id="m1")
+    failed = Observation(state=State.FAILED, error={"message": "x"}, source="webhook")
+    again = Callback(
+        failed, provider="replicate", request_id="pred-1", user_id=None, delivery_id="m1"
+    )
+    [delivered] = store.write_many([first], now=1000.0)
+    assert delivered.applied is not None and delivered.applied.job.state is State.SUCCEEDED
+    [repeat] = store.write_many([again], now=1001.0)
+    assert repeat.applied is None and repeat.refused == "duplicate"
+    assert store.get(job.id).state is State.SUCCEEDED
+    # The same id from another provider is another message.
+    assert store.write_many([dataclasses.replace(first, provider="fal", user_id="u")])
+    assert store.forget_deliveries(older_than=1000.5) == 1
+    [later] = store.write_many([again], now=1002.0)
+    assert later.refused is None and later.applied is not None and not later.applied.changed
+
+
+def test_a_message_that_must_come_again_is_not_remembered(store: Store) -> None:
+    """A callback deferred until the account is known (``unverified``) is delivered again
+    by the provider with the same message id: that retry must be applied."""
+    job, _ = store.create_job(NewJob(application="fal-ai/flux/dev", arguments={"p": 2}))
+    assert store.begin_submit(job.id, 0)
+    callback = Callback(
+        OK, provider="fal", request_id="r-new", user_id="u-9", job_id=job.id, delivery_id="m2"
+    )
+    [deferred] = store.write_many([callback])
+    assert deferred.refused == "unverified"
+    [applied] = store.write_many([dataclasses.replace(callback, account="u-9")])
+    assert applied.applied is not None and applied.applied.job.state is State.SUCCEEDED

@@ -7,7 +7,7 @@ commands that never talk to a provider (``jobs status``, ``jobs list``) start qu
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 
@@ -49,6 +49,23 @@ def create(
             webhook_secrets=settings.replicate_webhook_secrets,
             gate=RateGate(on_wait=on_rate_wait),
         )
+    raise ConfigError(f"unknown provider {name!r}; this version knows {', '.join(NAMES)}")
+
+
+# A value of a result that is a file: (url, file name, content type).
+FileOf = Callable[[Any], "tuple[str, str | None, str | None] | None"]
+
+
+def file_reader(name: str) -> FileOf:
+    """How provider ``name`` marks a file in a result (see :func:`jobs.results.find_files`)."""
+    if name == "fal":
+        from .fal import file_of
+
+        return file_of
+    if name == "replicate":
+        from .replicate import file_of as replicate_file_of
+
+        return replicate_file_of
     raise ConfigError(f"unknown provider {name!r}; this version knows {', '.join(NAMES)}")
 
 

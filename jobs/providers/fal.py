@@ -150,6 +150,20 @@ def _plain_segments(name: str, value: str) -> None:
             )
 
 
+# Besides a string "url", a fal File (or Image) object has one of these.
+FILE_KEYS = ("content_type", "file_name", "file_size")
+
+
+def file_of(value: Any) -> tuple[str, str | None, str | None] | None:
+    """``(url, file name, content type)`` when ``value`` is a fal File object."""
+    if not isinstance(value, Mapping):
+        return None
+    url = value.get("url")
+    if not isinstance(url, str) or not any(key in value for key in FILE_KEYS):
+        return None
+    return url, value.get("file_name"), value.get("content_type")
+
+
 def check_request(request: SubmitRequest) -> None:
     """Refuse, before anything is recorded, a request fal could not receive as sent."""
     _sendable("application", request.application)

@@ -175,6 +175,15 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def file_of(value: Any) -> tuple[str, str | None, str | None] | None:
+    """``(url, None, None)`` when ``value`` is an output file: Replicate gives files as
+    plain http(s) URLs (served from replicate.delivery, deleted with the prediction after
+    its one-hour retention, so they are cached when the job succeeds)."""
+    if isinstance(value, str) and value.startswith(("https://", "http://")):
+        return value, None, None
+    return None
+
+
 def check_request(request: SubmitRequest) -> Target:
     """Refuse, before anything is recorded, a request Replicate could not receive as sent."""
     target = Target.parse(request.application)

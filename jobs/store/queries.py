@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import (
     Row,
     and_,
+    delete,
     exists,
     func,
     insert,
@@ -36,6 +37,7 @@ from ..db import (
     job_logs,
     jobs,
     results,
+    webhook_deliveries,
 )
 from ..errors import AmbiguousJobRef, IdempotencyConflict, JobNotFound
 from ..providers.base import Observation, RemoteRef, Submitted
@@ -548,6 +550,16 @@ class Store(FileQueries):
                 .values(lease_owner=None, lease_expires_at=None, next_poll_at=now)
             )
             return done.rowcount
+
+        return self._tx(tx)
+
+    def forget_deliveries(self, older_than: float) -> int:
+        """Drop the remembered webhook message ids received before ``older_than`` (long
+        after any provider stops retrying them); returns how many."""
+
+        def tx(conn: Connection) -> int:
+            stale = webhook_deliveries.c.received_at < older_than
+            return conn.execute(delete(webhook_deliveries).where(stale)).rowcount
 
         return self._tx(tx)
 

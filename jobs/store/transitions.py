@@ -35,6 +35,7 @@ from ..db import (
     jobs,
     provider_accounts,
     results,
+    webhook_deliveries,
 )
 from ..errors import JobNotFound
 from ..providers.base import Observation, Submitted
@@ -175,7 +176,11 @@ class Callback:
     without teaching anything). ``job_id`` (from the callback URL) names an
     ambiguous submit the request may belong to: it is adopted only when the account is
     known and matches, and never replaces a request id the job already has, nor revives a
-    job that ended (either makes it a duplicate remote request, recorded as such)."""
+    job that ended (either makes it a duplicate remote request, recorded as such).
+
+    ``delivery_id`` (the provider's id of the message, the same on its retries) is
+    remembered once the callback is settled: a repeat is answered ``duplicate`` without
+    touching the job. One that must be delivered again (``unverified``) is not."""
 
     obs: Observation
     request_id: str
@@ -185,14 +190,39 @@ class Callback:
     attempt: int | None = None
     account: str | None = None
     backoff: Backoff | None = None
+    delivery_id: str | None = None
 
     def __post_init__(self) -> None:
         _check_ids((("request_id", self.request_id, "request_id"), ("job id", self.job_id, "id")))
+        most = column_length("delivery_id", webhook_deliveries)
+        if self.delivery_id is not None and (
+            "\x00" in self.delivery_id or len(self.delivery_id) > most
+        ):
+            raise ValueError(f"the webhook message id has NUL or is over {most} characters")
         longest = column_length("user_id", provider_accounts)
         if self.user_id is not None and ("\x00" in self.user_id or len(self.user_id) > longest):
             raise ValueError(f"the webhook user id has NUL or is over {longest} characters")
 
     def run(self, conn: Connection, now: float) -> Delivered:
+        if self.delivery_id is None:
+            return self._deliver(conn, now)
+        key = (webhook_deliveries.c.provider == self.provider) & (
+            webhook_deliveries.c.delivery_id == self.delivery_id
+        )
+        if conn.execute(select(webhook_deliveries.c.received_at).where(key)).first():
+            return Delivered(refused="duplicate")
+        delivered = self._deliver(conn, now)
+        if delivered.refused != "unverified":
+            dialect = sqlite if conn.dialect.name == "sqlite" else postgresql
+            row = {"provider": self.provider, "delivery_id": self.delivery_id}
+            conn.execute(
+                dialect.insert(webhook_deliveries)
+                .values(**row, received_at=now)
+                .on_conflict_do_nothing()  # another replica settled the same message
+            )
+        return delivered
+
+    def _deliver(self, conn: Connection, now: float) -> Delivered:
         if self.user_id is None:
             return self._from_us(conn, now)
         account = self.account or _account(conn, self.provider)

@@ -161,7 +161,7 @@ def file_views(job: Job, files: list[JobFile], result: Any) -> list[dict[str, An
                 }
             )
         return views
-    for found in find_files(result):
+    for found in find_files(result, job.provider):
         views.append(
             {
                 "n": found.n,

@@ -61,7 +61,7 @@ def png(width: int = 96, height: int = 64) -> bytes:
 def cache_image(store: Store, job: Job, cache_dir: Path) -> None:
     """Record the job's result files and put the first one in the cache as downloaded."""
     _, stored = store.result(job.id)
-    files = store.add_files(job.id, find_files(stored))
+    files = store.add_files(job.id, find_files(stored, "fal"))
     data = png()
     digest = hashlib.sha256(data).hexdigest()
     path = cache_path(cache_dir, digest)
