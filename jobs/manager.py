@@ -426,7 +426,12 @@ class AsyncJobManager:
         tell, and the ambiguous policy decides. Each answer is an event on the job."""
         provider = self.provider(job.provider)
         request = self._request(job.application, job.arguments, job)
-        lookup = await provider.find_submitted(request, job_id=job.id, since=job.created_at)
+        # From the first send, not from the recording: a line of a large batch is sent long
+        # after it was recorded, and the listing (a bounded number of pages) would have to
+        # read through every prediction made for the lines before it.
+        first = await self.store.aio.run(self.store.first_sent_at, job.id)
+        since = job.created_at if first is None else first
+        lookup = await provider.find_submitted(request, job_id=job.id, since=since)
         if lookup.submitted is not None:
             AMBIGUOUS_DECISIONS.labels("lookup").inc()
             detail = {"request_id": lookup.submitted.ref.request_id, "how": lookup.detail}

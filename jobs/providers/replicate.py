@@ -80,9 +80,11 @@ WEBHOOK_EVENTS = ("start", "output", "logs", "completed")
 DEFAULT_WEBHOOK_EVENTS = ("completed",)
 TERMINAL_STATUSES = ("succeeded", "failed", "canceled", "aborted")
 # Listing recent predictions to settle an ambiguous submit: how far before the send to look
-# (clocks differ), and the most pages (100 predictions each) to read.
+# (clocks differ), and the most pages (100 predictions each) to read. At Replicate's create
+# limit (600 a minute) the skew margin alone holds 6 pages, and a lookup by the resolver
+# some 130 s after the send (its grace and period) about 19: 20 covers both.
 LIST_SKEW_SECONDS = 60.0
-MAX_LIST_PAGES = 5
+MAX_LIST_PAGES = 20
 MIN_CANCEL_AFTER = 1.0
 MAX_PREDICTION_ID = 64
 MESSAGE_LIMIT = 300

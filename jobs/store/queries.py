@@ -701,6 +701,18 @@ class Store(FileQueries):
             for r in rows
         ]
 
+    def first_sent_at(self, job_id: str) -> float | None:
+        """When the job's first submit attempt began (its first ``submit_sent`` event)."""
+        at: float | None = self._tx(
+            lambda conn: conn.execute(
+                select(func.min(job_events.c.at)).where(
+                    job_events.c.job_id == job_id, job_events.c.kind == "submit_sent"
+                )
+            ).scalar(),
+            write=False,
+        )
+        return at
+
     def logs(self, job_id: str, *, after: int = 0) -> list[tuple[int, Any]]:
         rows = self._tx(
             lambda conn: conn.execute(

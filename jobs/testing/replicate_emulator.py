@@ -28,6 +28,7 @@ otherwise 401 with a problem-details body)::
     GET  /v1/deployments/{owner}/{name}               a deployment (for deployments.get)
     GET  /v1/models/{owner}/{name}/versions/{id}      a version (for run("o/n:id"))
     GET  /_fake/stats[?per_prediction=0]  POST /_fake/reset  GET|POST /_fake/config
+    POST /_fake/advance  {"seconds": N}: :meth:`FakeReplicate.advance` on the server's loop
     GET  /_fake/predictions/{id}  (debug view)  GET /_fake/files/{id}/{n}.png  (output bytes)
 
 Create: ``version`` is a 64-hex id or ``owner/name:id`` (a bare id takes the model it was
@@ -73,6 +74,7 @@ Faults (rates in ``FakeReplicateConfig``, one random draw per API request, in th
 - ``slow``: the reply (otherwise normal, the action done) is delayed by ``slow_seconds``.
 - ``invalid_json``: 200/201 with a body that is not JSON; the action was done.
 
+``fault_kinds`` limits the faults to some request kinds (``["create"]``: only creates).
 Also exact: ``create_limit_per_minute`` (a token bucket of ``create_limit_burst``) answers
 creates beyond it with the same 429 (header and body) and creates nothing. Webhooks have
 ``webhook_loss_rate`` (a message is never sent, nor retried) and
@@ -394,7 +396,9 @@ class FakeReplicate:
         config = self.config
         if config.latency > 0:
             await asyncio.sleep(config.latency)
-        fault = self._draw_fault()
+        fault = None
+        if not config.fault_kinds or kind in config.fault_kinds:
+            fault = self._draw_fault()
         if fault is not None:
             self.stats.fault(fault)
         if fault in ("rate_limit", "rate_limit_no_header"):
@@ -676,6 +680,22 @@ class FakeReplicate:
                 await send_json(send, 400, {"detail": str(exc)})
                 return
             await send_json(send, 200, self.config.to_json())
+        elif path == "/_fake/advance" and method == "POST":
+            # advance() from another thread would send webhooks outside the server's loop.
+            raw = await _asgi.read_body(receive)
+            try:
+                seconds = json.loads(raw or b"{}").get("seconds")
+                if (
+                    isinstance(seconds, bool)
+                    or not isinstance(seconds, int | float)
+                    or not math.isfinite(seconds)
+                ):
+                    raise ValueError('the body must be {"seconds": <number>}')
+                self.advance(float(seconds))
+            except (ValueError, AttributeError) as exc:
+                await send_json(send, 400, {"detail": str(exc)})
+                return
+            await send_json(send, 200, {"now": self.now()})
         elif path.startswith("/_fake/predictions/") and method == "GET":
             prediction = self.table.get(path.removeprefix("/_fake/predictions/"))
             if prediction is None:

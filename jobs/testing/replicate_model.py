@@ -40,6 +40,8 @@ CANCELED = "canceled"
 ABORTED = "aborted"
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELED, ABORTED})
 
+# The kinds of API request the emulator tells apart (``FakeReplicateConfig.fault_kinds``).
+REQUEST_KINDS = ("create", "get", "list", "cancel", "secret", "deployment", "version")
 EVENTS = ("start", "output", "logs", "completed")
 DEFAULT_EVENTS = frozenset({"output", "completed"})
 
@@ -84,6 +86,10 @@ class FakeReplicateConfig:
     slow_rate: float = 0.0
     invalid_json_rate: float = 0.0
     slow_seconds: float = 30.0
+    # The request kinds the faults above apply to (create, get, list, cancel, secret,
+    # deployment, version); empty: every API request. ["create"] makes every create
+    # ambiguous while the listing that settles it is answered.
+    fault_kinds: list[str] = field(default_factory=list)
     retry_after: int = 1
     # An exact limit on creates (a token bucket; 0 turns it off), like Replicate's 600/min.
     create_limit_per_minute: float = 0.0
@@ -109,6 +115,7 @@ class FakeReplicateConfig:
     def __post_init__(self) -> None:
         for secret in self.signing_secrets():
             _check_secret(secret)
+        _check_kinds(self.fault_kinds)
 
     def update(self, changes: Mapping[str, Any]) -> None:
         """Set fields from JSON-ish values, checking names and types; all or nothing."""
@@ -128,6 +135,7 @@ class FakeReplicateConfig:
             _check_secret(coerced["webhook_secret"])
         for secret in coerced.get("extra_signing_secrets", []):
             _check_secret(secret)
+        _check_kinds(coerced.get("fault_kinds", []))
         for name, value in coerced.items():
             setattr(self, name, value)
 
@@ -142,6 +150,14 @@ class FakeReplicateConfig:
 
     def signing_secrets(self) -> list[str]:
         return [self.webhook_secret, *self.extra_signing_secrets]
+
+
+def _check_kinds(kinds: list[str]) -> None:
+    unknown = sorted(set(kinds) - set(REQUEST_KINDS))
+    if unknown:
+        raise ValueError(
+            f"unknown request kind(s) {', '.join(unknown)}: use {', '.join(REQUEST_KINDS)}"
+        )
 
 
 def _check_secret(secret: str) -> None:
