@@ -174,7 +174,10 @@ class TextFormatter(logging.Formatter):
 def secrets_of(settings: Settings) -> list[str]:
     """Every credential in the settings (any field holding a :class:`Secret`)."""
     values = (getattr(settings, name) for name in settings.__dataclass_fields__)
-    return [value.reveal() for value in values if isinstance(value, Secret)]
+    found = [value.reveal() for value in values if isinstance(value, Secret)]
+    # A setting may hold several secrets (JOBS_REPLICATE_WEBHOOK_SECRET while rotating):
+    # one of them alone in a message must be hidden too.
+    return found + [s.reveal() for s in settings.replicate_webhook_secrets]
 
 
 def configure(

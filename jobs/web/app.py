@@ -91,7 +91,13 @@ def create_app(
             for shutdown in reversed(shutdowns):
                 await shutdown()
 
-    secrets: list[Secret] = [s for s in (settings.fal_key, settings.api_token) if s is not None]
+    credentials = (
+        settings.fal_key,
+        settings.api_token,
+        settings.replicate_api_token,
+        *settings.replicate_webhook_secrets,  # each one: several are set while rotating
+    )
+    secrets: list[Secret] = [s for s in credentials if s is not None]
     middleware = [
         Middleware(RequestId),
         Middleware(RedactSecrets, secrets=secrets),
