@@ -64,11 +64,13 @@ def serve(
     access_log: bool = False,
 ) -> None:
     """Migrate, then serve until SIGTERM/SIGINT; returns once everything is shut down.
-    Refuses to start (``ConfigError``) without ``FAL_KEY``: every poll and submit needs it."""
-    if settings.fal_key is None:
+    Refuses to start (``ConfigError``) without the credentials of any provider (``FAL_KEY``
+    or ``REPLICATE_API_TOKEN``): every poll and submit needs them."""
+    if settings.fal_key is None and settings.replicate_api_token is None:
         raise ConfigError(
             "FAL_KEY is not set: jobsctl serve polls and submits to fal and needs the key "
-            "(FAL_KEY, or FAL_KEY_ID and FAL_KEY_SECRET)"
+            "(FAL_KEY, or FAL_KEY_ID and FAL_KEY_SECRET; for Replicate alone, "
+            "REPLICATE_API_TOKEN)"
         )
     configure(settings, log_format=log_format, level=log_level)
     if settings.api_token is None and not is_loopback(host):
