@@ -25,6 +25,7 @@ BENCHMARKS = {
     "tracking_scale": "bench.tracking_scale",
     "batch_submit": "bench.batch",
     "replicas": "bench.replicas",
+    "replicate_retention": "bench.replicate_retention",
 }
 
 
