@@ -300,3 +300,12 @@ def test_jobsctl_show_lists_every_decision(
         ("ambiguous_resolved", "lookup"),
     ]
     assert server.stats.creates == 1
+
+
+def test_the_emulator_refuses_a_fault_kind_it_does_not_know() -> None:
+    with pytest.raises(ValueError, match="unknown request kind"):
+        rp.config(fault_kinds=["creates"])
+    cfg = rp.config()
+    with pytest.raises(ValueError, match="unknown request kind"):
+        cfg.update({"fault_kinds": ["get", "poll"]})
+    assert cfg.fault_kinds == []
