@@ -431,7 +431,14 @@ class AsyncJobManager:
         # read through every prediction made for the lines before it.
         first = await self.store.aio.run(self.store.first_sent_at, job.id)
         since = job.created_at if first is None else first
-        lookup = await provider.find_submitted(request, job_id=job.id, since=since)
+
+        async def held(request_ids: Sequence[str]) -> set[str]:
+            found: set[str] = await self.store.aio.run(
+                self.store.held_request_ids, job.provider, request_ids, besides=job.id
+            )
+            return found
+
+        lookup = await provider.find_submitted(request, job_id=job.id, since=since, held=held)
         if lookup.submitted is not None:
             AMBIGUOUS_DECISIONS.labels("lookup").inc()
             detail = {"request_id": lookup.submitted.ref.request_id, "how": lookup.detail}

@@ -7,7 +7,7 @@ import base64
 import dataclasses
 import itertools
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -573,6 +573,22 @@ async def test_find_submitted_several_by_input_cannot_tell(make_provider: Build)
     found = await provider.find_submitted(REQ, job_id="J1", since=SINCE)
     assert not found.certain and found.submitted is None
     assert "2 predictions match" in found.detail
+
+
+async def test_find_submitted_skips_what_other_jobs_hold(make_provider: Build) -> None:
+    # The same input asked twice: the other job's prediction is never ours.
+    asked: list[list[str]] = []
+
+    async def held(ids: Sequence[str]) -> set[str]:
+        asked.append(list(ids))
+        return {"aaa111"}
+
+    provider, _ = make_provider([listing(prediction("aaa111"))])
+    found = await provider.find_submitted(REQ, job_id="J1", since=SINCE, held=held)
+    assert found.certain and found.submitted is None and asked == [["aaa111"]]
+    provider, _ = make_provider([listing(prediction("aaa111"), prediction("bbb222"))])
+    found = await provider.find_submitted(REQ, job_id="J1", since=SINCE, held=held)
+    assert found.submitted is not None and found.submitted.ref.request_id == "bbb222"
 
 
 async def test_find_submitted_none_is_certain(make_provider: Build) -> None:

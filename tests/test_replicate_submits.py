@@ -309,3 +309,22 @@ def test_the_emulator_refuses_a_fault_kind_it_does_not_know() -> None:
     with pytest.raises(ValueError, match="unknown request kind"):
         cfg.update({"fault_kinds": ["get", "poll"]})
     assert cfg.fault_kinds == []
+
+
+async def test_a_twin_input_is_never_adopted_from_another_job(
+    sqlite_migrated_url: str, server: FakeReplicateServer
+) -> None:
+    # Two jobs with the same input (the same prompt asked twice: two images wanted). The
+    # first went in; the second's sender died before its bytes left. The listing shows one
+    # prediction with that input, but it is the first job's: the second must be sent, not
+    # handed the first one's prediction.
+    arguments = {"prompt": "asked twice"}
+    async with _manager(sqlite_migrated_url, server, False) as manager:
+        first = await manager.submit(rp.APP, arguments, provider="replicate")
+        second = _crashed_mid_send(manager, arguments, False)
+        assert await Poller(manager, ambiguous_grace=0).resolve_ambiguous() == 1
+        after = await manager.status(second.id)
+        assert after.request_id is not None and after.request_id != first.request_id
+        assert _creates(server, arguments) == 2
+        kinds = _kinds(await manager.events(second.id))
+        assert ("ambiguous_resolved", "lookup") not in kinds, kinds

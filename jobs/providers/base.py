@@ -7,7 +7,7 @@ whether they came from a poll, a webhook, a submit reply or a result fetch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -98,6 +98,10 @@ class Lookup:
     detail: str = ""
 
 
+# Which of these request ids other jobs already hold (so a lost submit cannot be theirs).
+Held = Callable[[Sequence[str]], Awaitable[set[str]]]
+
+
 class WebhookUnavailable(Exception):
     """A callback cannot be verified now (say the signing keys are unreachable): the
     receiver fails closed with a retryable answer and the provider delivers again."""
@@ -129,9 +133,12 @@ class Provider(Protocol):
 
     async def submit(self, request: SubmitRequest) -> Submitted: ...
 
-    async def find_submitted(self, request: SubmitRequest, *, job_id: str, since: float) -> Lookup:
+    async def find_submitted(
+        self, request: SubmitRequest, *, job_id: str, since: float, held: Held | None = None
+    ) -> Lookup:
         """Look for the request a lost submit of ``request`` (for our job ``job_id``, sent
-        no earlier than ``since``, Unix seconds) may have made."""
+        no earlier than ``since``, Unix seconds) may have made; ``held`` tells which
+        requests other jobs already hold (one with the same input is theirs, not ours)."""
         ...
 
     async def status(self, ref: RemoteRef, *, logs: bool = True) -> Observation: ...

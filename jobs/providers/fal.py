@@ -33,6 +33,7 @@ from ..errors import (
 )
 from ..states import FailureReason, State
 from .base import (
+    Held,
     Lookup,
     Observation,
     RemoteRef,
@@ -556,7 +557,9 @@ class FalProvider:
             await self._sleep(0 if code == 429 else self._retry.delay(attempt, retry_after))
         raise AssertionError("unreachable: the loop returns or raises")
 
-    async def find_submitted(self, request: SubmitRequest, *, job_id: str, since: float) -> Lookup:
+    async def find_submitted(
+        self, request: SubmitRequest, *, job_id: str, since: float, held: Held | None = None
+    ) -> Lookup:
         # fal's queue API cannot list requests (docs/protocol.md): only a webhook naming
         # the job, or the ambiguous policy, can settle a lost submit.
         return Lookup(None, certain=False, detail="fal cannot list the requests it received")

@@ -65,6 +65,7 @@ from ..errors import (
 from ..states import FailureReason, State
 from . import standard_webhooks
 from .base import (
+    Held,
     Lookup,
     Observation,
     RemoteRef,
@@ -686,11 +687,14 @@ class ReplicateProvider:
             return False
         raise self._refused(response, "cancel")
 
-    async def find_submitted(self, request: SubmitRequest, *, job_id: str, since: float) -> Lookup:
+    async def find_submitted(
+        self, request: SubmitRequest, *, job_id: str, since: float, held: Held | None = None
+    ) -> Lookup:
         """List predictions created since ``since`` (less a clock-skew margin) and find the
         one a lost submit made: by our job id in its webhook URL (certain), else by the same
         target and identical input (certain only if exactly one, the listing was complete,
-        and no prediction that might be ours could not be told apart)."""
+        and no prediction that might be ours could not be told apart). A prediction another
+        job holds (``held``: the same input asked twice) is never ours."""
         try:
             target = Target.parse(request.application)
         except ConfigError as exc:
@@ -714,6 +718,10 @@ class ReplicateProvider:
             results = body.get("results") if isinstance(body, Mapping) else None
             if not isinstance(results, list):
                 return self._lookup_failed(job_id, "the listing of predictions has no results")
+            theirs: set[str] = set()
+            if held is not None:
+                ids = [p.get("id") for p in results if isinstance(p, Mapping)]
+                theirs = await held([i for i in ids if isinstance(i, str)])
             older_seen = False
             for prediction in results:
                 if not isinstance(prediction, Mapping):
@@ -739,6 +747,8 @@ class ReplicateProvider:
                         )
                     if webhook != (request.webhook_url or None):
                         continue  # made with another webhook than ours sent: not ours
+                if prediction_id in theirs:
+                    continue  # another job's (the same input asked twice)
                 if prediction.get("source") not in (None, "api"):
                     continue  # made on the website, not by an API call
                 same = target.matches(prediction)

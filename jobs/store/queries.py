@@ -50,6 +50,7 @@ from ..records import (
     NewJob,
     Overview,
     _storable,
+    column_length,
     is_id_prefix,
     iso,
     new_job_id,
@@ -700,6 +701,27 @@ class Store(FileQueries):
             }
             for r in rows
         ]
+
+    def held_request_ids(
+        self, provider: str, request_ids: Sequence[str], *, besides: str
+    ) -> set[str]:
+        """Which of ``request_ids`` a job other than ``besides`` holds at ``provider``."""
+        wanted = [
+            r for r in dict.fromkeys(request_ids) if r and len(r) <= column_length("request_id")
+        ]
+        if not wanted:
+            return set()
+        rows = self._tx(
+            lambda conn: conn.execute(
+                select(jobs.c.request_id).where(
+                    jobs.c.provider == provider,
+                    jobs.c.request_id.in_(wanted),
+                    jobs.c.id != besides,
+                )
+            ).all(),
+            write=False,
+        )
+        return {r.request_id for r in rows}
 
     def first_sent_at(self, job_id: str) -> float | None:
         """When the job's first submit attempt began (its first ``submit_sent`` event)."""
