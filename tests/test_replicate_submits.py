@@ -328,3 +328,35 @@ async def test_a_twin_input_is_never_adopted_from_another_job(
         assert _creates(server, arguments) == 2
         kinds = _kinds(await manager.events(second.id))
         assert ("ambiguous_resolved", "lookup") not in kinds, kinds
+
+
+@pytest.mark.parametrize("webhooks", [False, True], ids=["polling", "webhooks-lost"])
+async def test_a_cancelled_prediction_reads_cancelled_promptly(
+    sqlite_migrated_url: str, server: FakeReplicateServer, webhooks: bool
+) -> None:
+    # The twin of test_submit_settling's cancel: the webhook of the cancel is lost, so only
+    # the poll the cancel makes due can confirm it.
+    server.fake.update_config({"webhook_loss_rate": 1.0})
+    async with _manager(sqlite_migrated_url, server, webhooks) as manager:
+        arguments = {"prompt": "stop me", "_fake": {"duration": 60}}
+        job = await manager.submit(rp.APP, arguments, provider="replicate")
+        assert job.webhook is webhooks
+        cancelled = await manager.cancel(job.id, wait=10)
+        assert cancelled.state is State.CANCELLED, (cancelled.state, cancelled.error)
+        prediction = server.fake.get_prediction(job.request_id or "")
+        assert prediction is not None
+        assert server.fake.prediction_json(prediction)["status"] == "canceled"
+        assert server.stats.cancels == 1
+
+
+async def test_a_cancel_after_deadline_before_the_start_ends_the_job_not_billed(
+    sqlite_migrated_url: str, server: FakeReplicateServer
+) -> None:
+    async with _manager(sqlite_migrated_url, server, False) as manager:
+        arguments = {"prompt": "cold start", "_fake": {"queue_time": 600}}
+        job = await manager.submit(rp.APP, arguments, provider="replicate", cancel_after=30)
+        rp.advance(server, 31)  # the deadline passes while it is still starting
+        done = await manager.wait(job.id, timeout=10)
+        assert done.state is State.CANCELLED and done.failure_reason == "timeout"
+        assert done.error is not None and "not billed" in done.error["message"]
+        assert _creates(server, arguments) == 1
