@@ -207,4 +207,17 @@ def test_served_jobs_finish_by_webhook_without_a_poll(
         assert counters["webhook_deliveries"] == 1
         assert counters["gets"] == 0, "finished by its webhook: no poll was needed"
         assert ok(served, "result", job["id"]) == {"echo": {"prompt": "w"}}
+        # The same through the HTTP API: "provider" in POST /v1/jobs.
+        body = {"application": APP, "arguments": {"prompt": "api"}, "provider": "replicate"}
+        posted = httpx.post(f"{serve.url}/v1/jobs", json=body, timeout=10)
+        assert posted.status_code == 202, posted.text
+        answer = posted.json()
+        assert answer["request_id"] and answer["result_url"].startswith(public)
+
+        def answered() -> bool:
+            return httpx.get(answer["result_url"], timeout=10).status_code == 200
+
+        wait_for(answered, 30, "the API job's result", every=0.3)
+        result = httpx.get(answer["result_url"], timeout=10).json()
+        assert result == {"echo": {"prompt": "api"}}, result
         assert serve.running
