@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import inspect
 import logging
 import os
 import random
@@ -1214,6 +1215,9 @@ def _blocking_iter(
     def call(self: JobManager, /, *args: P.args, **kwargs: P.kwargs) -> Iterator[T]:
         return self._portal.iterate(method(self._async, *args, **kwargs))
 
+    shown = inspect.signature(method)
+    returns = str(shown.return_annotation).replace("AsyncIterator", "Iterator")
+    call.__signature__ = shown.replace(return_annotation=returns)  # type: ignore[attr-defined]
     return call
 
 
@@ -1227,6 +1231,8 @@ def _blocking_handle(
         job = self._portal.call(method(self._async, *args, **kwargs))
         return SyncJobHandle.of(job, self)
 
+    shown = inspect.signature(method).replace(return_annotation="SyncJobHandle")
+    call.__signature__ = shown  # type: ignore[attr-defined]
     return call
 
 
