@@ -392,7 +392,7 @@ class AsyncJobManager:
             return (await self.fail_ambiguous(job)).job
         if decision == "wait":
             return job  # a webhook may still name the request; the resolver decides later
-        AMBIGUOUS_DECISIONS.labels("resubmit").inc()
+        AMBIGUOUS_DECISIONS.labels(job.provider, "resubmit").inc()
         await asyncio.sleep(provider.retry_delay(job.attempts))
         fresh = await self.store.aio.run(self.store.get, job.id)
         if (
@@ -411,7 +411,7 @@ class AsyncJobManager:
             return None
         if seen.failure_reason is FailureReason.RESULT_UNAVAILABLE:
             return None  # the provider does not know it: never queued
-        AMBIGUOUS_DECISIONS.labels("poll").inc()
+        AMBIGUOUS_DECISIONS.labels(job.provider, "poll").inc()
         await self.store.aio.run(
             self.store.record_event,
             job.id,
@@ -431,7 +431,7 @@ class AsyncJobManager:
         request = self._request(job.application, job.arguments, job)
         lookup = await provider.find_submitted(request, job_id=job.id, since=job.created_at)
         if lookup.submitted is not None:
-            AMBIGUOUS_DECISIONS.labels("lookup").inc()
+            AMBIGUOUS_DECISIONS.labels(job.provider, "lookup").inc()
             detail = {"request_id": lookup.submitted.ref.request_id, "how": lookup.detail}
             await self.store.aio.run(
                 self.store.record_event,
@@ -482,7 +482,7 @@ class AsyncJobManager:
             only_from=(State.SUBMITTING,),
         )
         if applied.changed:
-            AMBIGUOUS_DECISIONS.labels("fail").inc()
+            AMBIGUOUS_DECISIONS.labels(job.provider, "fail").inc()
         return applied
 
     async def _not_sent(self, job: Job, exc: ProviderUnavailable) -> Job:
