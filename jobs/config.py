@@ -191,6 +191,14 @@ class Settings:
             )
 
     @property
+    def secrets(self) -> list[Secret]:
+        """Every credential in the settings (any field holding a :class:`Secret`, and each
+        webhook secret of a rotation on its own), for redaction from logs and answers."""
+        values = (getattr(self, name) for name in self.__dataclass_fields__)
+        found = [value for value in values if isinstance(value, Secret)]
+        return [*found, *self.replicate_webhook_secrets]
+
+    @property
     def replicate_webhook_secrets(self) -> tuple[Secret, ...]:
         """The secrets in ``JOBS_REPLICATE_WEBHOOK_SECRET``, each checked (``ConfigError``
         for one that is not ``whsec_`` and base64 of 24 to 64 bytes)."""
