@@ -53,6 +53,7 @@ def create(
             token=settings.replicate_api_token,
             client=make_client(),
             webhook_secrets=settings.replicate_webhook_secrets,
+            webhook_events=settings.replicate_webhook_events,
             gate=RateGate(on_wait=on_rate_wait),
         )
     raise ConfigError(f"unknown provider {name!r}; this version knows {', '.join(NAMES)}")
