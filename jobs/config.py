@@ -141,6 +141,9 @@ class Settings:
     # One or more ``whsec_...`` secrets, separated by spaces or commas: during a rotation
     # both the old and the new secret verify (:attr:`replicate_webhook_secrets`).
     replicate_webhook_secret: Secret | None = None
+    # Which of a prediction's events Replicate sends webhooks for: ``completed`` (the only
+    # one it retries), and ``start``, ``output``, ``logs`` for earlier news.
+    replicate_webhook_events: tuple[str, ...] = ("completed",)
     # What to do with a job whose submit may or may not have reached the provider.
     ambiguous_policy: str = "resubmit"
     # Most submits that may have reached the provider, per job (ambiguous resubmits
@@ -180,6 +183,12 @@ class Settings:
         _check_credential("JOBS_API_TOKEN", self.api_token)
         _check_credential("REPLICATE_API_TOKEN", self.replicate_api_token)
         _ = self.replicate_webhook_secrets  # a malformed secret is refused at load
+        events = {"start", "output", "logs", "completed"}  # webhook_events_filter's values
+        if not self.replicate_webhook_events or set(self.replicate_webhook_events) - events:
+            raise ConfigError(
+                "JOBS_REPLICATE_WEBHOOK_EVENTS takes a comma-separated list of "
+                f"{', '.join(sorted(events))}, not {','.join(self.replicate_webhook_events)!r}"
+            )
         if self.cache_host_slots < 1:
             raise ConfigError(
                 f"JOBS_CACHE_HOST_SLOTS must be at least 1, not {self.cache_host_slots}"
@@ -189,6 +198,14 @@ class Settings:
                 f"JOBS_CACHE_DIR {self.cache_dir!r} is a file, not a directory; "
                 "point it at a directory (it is created if missing)"
             )
+
+    @property
+    def secrets(self) -> list[Secret]:
+        """Every credential in the settings (any field holding a :class:`Secret`, and each
+        webhook secret of a rotation on its own), for redaction from logs and answers."""
+        values = (getattr(self, name) for name in self.__dataclass_fields__)
+        found = [value for value in values if isinstance(value, Secret)]
+        return [*found, *self.replicate_webhook_secrets]
 
     @property
     def replicate_webhook_secrets(self) -> tuple[Secret, ...]:
@@ -238,6 +255,11 @@ class Settings:
                 float,
             ),
             "replicate_api_token": _secret(env.get("REPLICATE_API_TOKEN")),
+            "replicate_webhook_events": tuple(
+                e.strip()
+                for e in env.get("JOBS_REPLICATE_WEBHOOK_EVENTS", "completed").split(",")
+                if e.strip()
+            ),
             "cache_host_slots": _number(
                 "JOBS_CACHE_HOST_SLOTS",
                 env.get("JOBS_CACHE_HOST_SLOTS") or str(DEFAULT_CACHE_HOST_SLOTS),

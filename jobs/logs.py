@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Literal, TextIO
 
-from .config import Secret, Settings
+from .config import Settings
 
 LogFormat = Literal["text", "json"]
 REDACTED = "***"
@@ -172,12 +172,8 @@ class TextFormatter(logging.Formatter):
 
 
 def secrets_of(settings: Settings) -> list[str]:
-    """Every credential in the settings (any field holding a :class:`Secret`)."""
-    values = (getattr(settings, name) for name in settings.__dataclass_fields__)
-    found = [value.reveal() for value in values if isinstance(value, Secret)]
-    # A setting may hold several secrets (JOBS_REPLICATE_WEBHOOK_SECRET while rotating):
-    # one of them alone in a message must be hidden too.
-    return found + [s.reveal() for s in settings.replicate_webhook_secrets]
+    """Every credential in the settings, revealed (:attr:`Settings.secrets`)."""
+    return [secret.reveal() for secret in settings.secrets]
 
 
 def configure(

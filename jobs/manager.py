@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+import inspect
 import logging
 import os
 import random
@@ -25,7 +27,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar
 
 from .backoff import Backoff, NextPoll, PollPolicy, next_poll
 from .claims import Claims, new_owner
@@ -86,6 +88,7 @@ if TYPE_CHECKING:
     from .uploads import Uploaded, Uploader
 
 T = TypeVar("T")
+P = ParamSpec("P")
 AmbiguousDecision = Literal["resubmit", "fail", "wait"]
 log = logging.getLogger(__name__)
 
@@ -389,7 +392,7 @@ class AsyncJobManager:
             return (await self.fail_ambiguous(job)).job
         if decision == "wait":
             return job  # a webhook may still name the request; the resolver decides later
-        AMBIGUOUS_DECISIONS.labels("resubmit").inc()
+        AMBIGUOUS_DECISIONS.labels(job.provider, "resubmit").inc()
         await asyncio.sleep(provider.retry_delay(job.attempts))
         fresh = await self.store.aio.run(self.store.get, job.id)
         if (
@@ -408,7 +411,7 @@ class AsyncJobManager:
             return None
         if seen.failure_reason is FailureReason.RESULT_UNAVAILABLE:
             return None  # the provider does not know it: never queued
-        AMBIGUOUS_DECISIONS.labels("poll").inc()
+        AMBIGUOUS_DECISIONS.labels(job.provider, "poll").inc()
         await self.store.aio.run(
             self.store.record_event,
             job.id,
@@ -440,7 +443,7 @@ class AsyncJobManager:
 
         lookup = await provider.find_submitted(request, job_id=job.id, since=since, held=held)
         if lookup.submitted is not None:
-            AMBIGUOUS_DECISIONS.labels("lookup").inc()
+            AMBIGUOUS_DECISIONS.labels(job.provider, "lookup").inc()
             detail = {"request_id": lookup.submitted.ref.request_id, "how": lookup.detail}
             await self.store.aio.run(
                 self.store.record_event,
@@ -491,7 +494,7 @@ class AsyncJobManager:
             only_from=(State.SUBMITTING,),
         )
         if applied.changed:
-            AMBIGUOUS_DECISIONS.labels("fail").inc()
+            AMBIGUOUS_DECISIONS.labels(job.provider, "fail").inc()
         return applied
 
     async def _not_sent(self, job: Job, exc: ProviderUnavailable) -> Job:
@@ -930,6 +933,7 @@ class AsyncJobManager:
 
     async def subscribe(
         self,
+        /,
         application: str,
         arguments: Mapping[str, Any] | None = None,
         *,
@@ -957,6 +961,7 @@ class AsyncJobManager:
 
     async def run(
         self,
+        /,
         application: str,
         arguments: Mapping[str, Any],
         *,
@@ -1201,6 +1206,48 @@ class _Portal:
         self.loop.close()
 
 
+def _blocking(
+    method: Callable[Concatenate[AsyncJobManager, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[JobManager, P], T]:
+    """``method`` of the async manager as a blocking method of :class:`JobManager`."""
+
+    @functools.wraps(method)
+    def call(self: JobManager, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self._portal.call(method(self._async, *args, **kwargs))
+
+    return call
+
+
+def _blocking_iter(
+    method: Callable[Concatenate[AsyncJobManager, P], AsyncIterator[T]],
+) -> Callable[Concatenate[JobManager, P], Iterator[T]]:
+    """An async-iterator method as a plain iterator (stopping early closes the async one)."""
+
+    @functools.wraps(method)
+    def call(self: JobManager, /, *args: P.args, **kwargs: P.kwargs) -> Iterator[T]:
+        return self._portal.iterate(method(self._async, *args, **kwargs))
+
+    shown = inspect.signature(method)
+    returns = str(shown.return_annotation).replace("AsyncIterator", "Iterator")
+    call.__signature__ = shown.replace(return_annotation=returns)  # type: ignore[attr-defined]
+    return call
+
+
+def _blocking_handle(
+    method: Callable[Concatenate[AsyncJobManager, P], Coroutine[Any, Any, AsyncJobHandle]],
+) -> Callable[Concatenate[JobManager, P], SyncJobHandle]:
+    """A method returning a job handle, returning the sync handle instead."""
+
+    @functools.wraps(method)
+    def call(self: JobManager, /, *args: P.args, **kwargs: P.kwargs) -> SyncJobHandle:
+        job = self._portal.call(method(self._async, *args, **kwargs))
+        return SyncJobHandle.of(job, self)
+
+    shown = inspect.signature(method).replace(return_annotation="SyncJobHandle")
+    call.__signature__ = shown  # type: ignore[attr-defined]
+    return call
+
+
 class JobManager:
     """The synchronous face of :class:`AsyncJobManager`: its user-facing methods with the
     same signatures and behaviour, run on a private event loop (so it works inside
@@ -1254,210 +1301,32 @@ class JobManager:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def submit(
-        self,
-        application: str,
-        arguments: Mapping[str, Any],
-        *,
-        provider: str = "fal",
-        path: str | None = None,
-        priority: str | None = None,
-        hint: str | None = None,
-        labels: Mapping[str, str] | None = None,
-        batch: str | None = None,
-        batch_index: int | None = None,
-        idempotency_key: str | None = None,
-        webhook: bool = True,
-        download: bool | None = None,
-        start_timeout: float | None = None,
-        cancel_after: float | None = None,
-        max_rate_wait: float | None = None,
-    ) -> SyncJobHandle:
-        options = SubmitOptions(
-            provider=provider,
-            path=path,
-            priority=priority,
-            hint=hint,
-            labels=dict(labels or {}),
-            batch=batch,
-            batch_index=batch_index,
-            idempotency_key=idempotency_key,
-            webhook=webhook,
-            download=download,
-            start_timeout=start_timeout,
-            cancel_after=cancel_after,
-        )
-        return self.submit_with(application, arguments, options, max_rate_wait=max_rate_wait)
-
-    def submit_with(
-        self,
-        application: str,
-        arguments: Mapping[str, Any],
-        options: SubmitOptions,
-        *,
-        max_rate_wait: float | None = None,
-    ) -> SyncJobHandle:
-        submitted = self._async.submit_with(
-            application, arguments, options, max_rate_wait=max_rate_wait
-        )
-        return SyncJobHandle.of(self._portal.call(submitted), self)
-
-    def current_status(self, ref: str, *, with_logs: bool = False) -> Status:
-        return self._portal.call(self._async.current_status(ref, with_logs=with_logs))
-
-    def run(
-        self,
-        application: str,
-        arguments: Mapping[str, Any],
-        *,
-        timeout: float | None = None,
-        **submit_options: Any,
-    ) -> Any:
-        """:meth:`AsyncJobManager.run`; ``submit_options`` are :meth:`submit`'s keywords."""
-        running = self._async.run(application, arguments, timeout=timeout, **submit_options)
-        return self._portal.call(running)
-
-    def get_handle(self, application: str, request_id: str) -> SyncJobHandle:
-        job = self._portal.call(self._async.get_handle(application, request_id))
-        return SyncJobHandle.of(job, self)
-
-    def stream(
-        self,
-        application: str,
-        arguments: Mapping[str, Any],
-        *,
-        path: str = "/stream",
-        timeout: float | None = None,
-        labels: Mapping[str, str] | None = None,
-        batch: str | None = None,
-        idempotency_key: str | None = None,
-    ) -> Iterator[dict[str, Any]]:
-        events = self._async.stream(
-            application,
-            arguments,
-            path=path,
-            timeout=timeout,
-            labels=labels,
-            batch=batch,
-            idempotency_key=idempotency_key,
-        )
-        return self._portal.iterate(events)
-
-    def status(self, ref: str, *, refresh: bool = False) -> Job:
-        return self._portal.call(self._async.status(ref, refresh=refresh))
-
-    def retry(self, ref: str) -> Job:
-        return self._portal.call(self._async.retry(ref))
-
-    def retry_batch(self, batch: str, *, reasons: Sequence[str] | None = None) -> list[Job]:
-        return self._portal.call(self._async.retry_batch(batch, reasons=reasons))
-
-    def events(self, ref: str) -> list[dict[str, Any]]:
-        return self._portal.call(self._async.events(ref))
-
-    def logs(self, ref: str, *, after: int = 0) -> list[tuple[int, dict[str, Any]]]:
-        return self._portal.call(self._async.logs(ref, after=after))
-
-    def iter_logs(
-        self, ref: str, *, follow: bool = False, timeout: float | None = None
-    ) -> Iterator[dict[str, Any]]:
-        return self._portal.iterate(self._async.iter_logs(ref, follow=follow, timeout=timeout))
-
-    def list_jobs(
-        self,
-        *,
-        state: State | None = None,
-        states: Sequence[State] | None = None,
-        application: str | None = None,
-        batch: str | None = None,
-        limit: int = 100,
-        before: str | None = None,
-        label: tuple[str, str] | None = None,
-        search: str | None = None,
-    ) -> list[Job]:
-        return self._portal.call(
-            self._async.list_jobs(
-                state=state,
-                states=states,
-                application=application,
-                batch=batch,
-                limit=limit,
-                before=before,
-                label=label,
-                search=search,
-            )
-        )
-
-    def count_by_state(self) -> dict[State, int]:
-        return self._portal.call(self._async.count_by_state())
-
-    def batches(self, *, active_only: bool = False, limit: int = 100) -> list[BatchProgress]:
-        return self._portal.call(self._async.batches(active_only=active_only, limit=limit))
-
-    def batch(self, name: str) -> BatchProgress:
-        return self._portal.call(self._async.batch(name))
-
-    def collect_garbage(self, cutoff: float) -> GcReport:
-        return self._portal.call(self._async.collect_garbage(cutoff))
-
-    def upload_inputs(
-        self, arguments: Mapping[str, Any], files: Sequence[tuple[str, str | os.PathLike[str]]]
-    ) -> tuple[dict[str, Any], list[Uploaded]]:
-        return self._portal.call(self._async.upload_inputs(arguments, files))
-
-    def result(self, ref: str, *, wait: bool = False, timeout: float | None = None) -> Any:
-        return self._portal.call(self._async.result(ref, wait=wait, timeout=timeout))
-
-    def wait(self, ref: str, *, timeout: float | None = None) -> Job:
-        return self._portal.call(self._async.wait(ref, timeout=timeout))
-
-    def cancel(self, ref: str, *, wait: float = 10.0, max_rate_wait: float | None = None) -> Job:
-        return self._portal.call(self._async.cancel(ref, wait=wait, max_rate_wait=max_rate_wait))
-
-    def track(self, application: str, request_id: str, *, provider: str = "fal") -> Job:
-        return self._portal.call(self._async.track(application, request_id, provider=provider))
-
-    def iter_events(
-        self, ref: str, *, with_logs: bool = True, timeout: float | None = None
-    ) -> Iterator[Status]:
-        return self._portal.iterate(
-            self._async.iter_events(ref, with_logs=with_logs, timeout=timeout)
-        )
-
-    def subscribe(
-        self,
-        application: str,
-        arguments: Mapping[str, Any] | None = None,
-        *,
-        job_id: str | None = None,
-        with_logs: bool = False,
-        on_enqueue: Callable[[str], Any] | None = None,
-        on_queue_update: Callable[[Status], Any] | None = None,
-        timeout: float | None = None,
-        **submit_options: Any,
-    ) -> Any:
-        """:meth:`AsyncJobManager.subscribe`; ``submit_options`` are :meth:`submit`'s."""
-        subscribed = self._async.subscribe(
-            application,
-            arguments,
-            job_id=job_id,
-            with_logs=with_logs,
-            on_enqueue=on_enqueue,
-            on_queue_update=on_queue_update,
-            timeout=timeout,
-            **submit_options,
-        )
-        return self._portal.call(subscribed)
-
-    def upload(
-        self, data: str | bytes, content_type: str, file_name: str | None = None
-    ) -> Uploaded:
-        return self._portal.call(self._async.upload(data, content_type, file_name))
-
-    def upload_file(
-        self, path: str | os.PathLike[str], *, content_type: str | None = None
-    ) -> Uploaded:
-        return self._portal.call(self._async.upload_file(path, content_type=content_type))
-
-    def upload_image(self, image: Any, format: str = "jpeg") -> Uploaded:
-        return self._portal.call(self._async.upload_image(image, format))
+    # Every user-facing method of AsyncJobManager, with its signature and docstring, run on
+    # the private loop: defined once there (tests/test_manager.py checks none is missing).
+    submit = _blocking_handle(AsyncJobManager.submit)
+    submit_with = _blocking_handle(AsyncJobManager.submit_with)
+    get_handle = _blocking_handle(AsyncJobManager.get_handle)
+    current_status = _blocking(AsyncJobManager.current_status)
+    run = _blocking(AsyncJobManager.run)
+    subscribe = _blocking(AsyncJobManager.subscribe)
+    stream = _blocking_iter(AsyncJobManager.stream)
+    status = _blocking(AsyncJobManager.status)
+    retry = _blocking(AsyncJobManager.retry)
+    retry_batch = _blocking(AsyncJobManager.retry_batch)
+    events = _blocking(AsyncJobManager.events)
+    logs = _blocking(AsyncJobManager.logs)
+    iter_logs = _blocking_iter(AsyncJobManager.iter_logs)
+    iter_events = _blocking_iter(AsyncJobManager.iter_events)
+    list_jobs = _blocking(AsyncJobManager.list_jobs)
+    count_by_state = _blocking(AsyncJobManager.count_by_state)
+    batches = _blocking(AsyncJobManager.batches)
+    batch = _blocking(AsyncJobManager.batch)
+    collect_garbage = _blocking(AsyncJobManager.collect_garbage)
+    result = _blocking(AsyncJobManager.result)
+    wait = _blocking(AsyncJobManager.wait)
+    cancel = _blocking(AsyncJobManager.cancel)
+    track = _blocking(AsyncJobManager.track)
+    upload = _blocking(AsyncJobManager.upload)
+    upload_file = _blocking(AsyncJobManager.upload_file)
+    upload_image = _blocking(AsyncJobManager.upload_image)
+    upload_inputs = _blocking(AsyncJobManager.upload_inputs)

@@ -104,9 +104,10 @@ POLLER_ERRORS = Counter(
 )
 AMBIGUOUS_DECISIONS = Counter(
     "jobs_ambiguous_decisions",
-    "Ambiguous submits decided, by the sender or the resolver, by decision (send, "
-    "resubmit, fail, poll: adopted after a status poll named it).",
-    ["decision"],
+    "Ambiguous submits decided, by the sender or the resolver, by provider and decision "
+    "(send, resubmit, fail, poll: adopted after a status poll named it, lookup: found in "
+    "the provider's list of requests).",
+    ["provider", "decision"],
     registry=REGISTRY,
 )
 

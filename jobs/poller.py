@@ -253,7 +253,7 @@ class Poller:
         after = await self.manager.send(job, reason=reason)
         sent = after.attempts > job.attempts or after.state is not State.SUBMITTING
         if sent:
-            AMBIGUOUS_DECISIONS.labels(decision).inc()
+            AMBIGUOUS_DECISIONS.labels(job.provider, decision).inc()
             log.info(
                 "ambiguous submit resolved: %s",
                 reason,

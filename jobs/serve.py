@@ -34,6 +34,7 @@ from .logs import LogFormat, configure
 from .manager import AsyncJobManager
 from .migrate import current, upgrade
 from .poller import AmbiguousPolicy, Poller
+from .providers import configured
 from .store import Store
 from .web import create_app
 
@@ -64,13 +65,13 @@ def serve(
     access_log: bool = False,
 ) -> None:
     """Migrate, then serve until SIGTERM/SIGINT; returns once everything is shut down.
-    Refuses to start (``ConfigError``) without the credentials of any provider (``FAL_KEY``
-    or ``REPLICATE_API_TOKEN``): every poll and submit needs them."""
-    if settings.fal_key is None and settings.replicate_api_token is None:
+    Refuses to start (``ConfigError``) without credentials for any provider: every poll
+    and submit needs them."""
+    if not configured(settings):
         raise ConfigError(
-            "FAL_KEY is not set: jobsctl serve polls and submits to fal and needs the key "
-            "(FAL_KEY, or FAL_KEY_ID and FAL_KEY_SECRET; for Replicate alone, "
-            "REPLICATE_API_TOKEN)"
+            "no provider credentials are set: jobsctl serve polls and submits and needs "
+            "FAL_KEY (or FAL_KEY_ID and FAL_KEY_SECRET) for fal, REPLICATE_API_TOKEN for "
+            "Replicate, or both"
         )
     configure(settings, log_format=log_format, level=log_level)
     if settings.api_token is None and not is_loopback(host):

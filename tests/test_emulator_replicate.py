@@ -23,7 +23,8 @@ import httpx
 import pytest
 from support.waiting import async_wait_for
 
-from jobs.providers.signatures import SignatureError, verify_standard
+from jobs.providers.signatures import SignatureError
+from jobs.providers.standard_webhooks import verify
 from jobs.testing import (
     FakeReplicate,
     FakeReplicateConfig,
@@ -652,7 +653,7 @@ async def test_default_events_send_only_the_completed_webhook(
     await delivered(hook, 1)
     path, headers, body = hook.deliveries[0]
     assert path == "/hook?job=j1" and headers["content-type"] == "application/json"
-    assert verify_standard(headers, body, fake.webhook_secret, time.time())
+    assert verify(headers, body, [fake.webhook_secret], time.time())
     assert headers["webhook-id"].startswith("msg_")
     assert json.loads(body) == await get(client, pid)
     assert json.loads(body)["status"] == "succeeded"
@@ -720,7 +721,7 @@ async def test_terminal_webhook_retried_with_the_same_id(
     assert [path for path, _, _ in hook.deliveries] == ["/h"] * 4  # the redirect not followed
     assert len({h["webhook-id"] for _, h, _ in hook.deliveries}) == 1
     for _, headers, body in hook.deliveries:
-        verify_standard(headers, body, fake.webhook_secret, time.time())
+        verify(headers, body, [fake.webhook_secret], time.time())
     assert len(start_hook.deliveries) == 1  # an intermediate message is never retried
     stats = fake.stats
     assert (stats.webhook_attempts, stats.webhook_retries, stats.webhook_failures) == (5, 3, 1)
@@ -776,6 +777,6 @@ async def test_rotation_signs_with_every_secret(
     assert len(headers["webhook-signature"].split()) == 2
     now = time.time()
     for secret in (new, old):
-        verify_standard(headers, body, secret, now)
+        verify(headers, body, [secret], now)
     with pytest.raises(SignatureError):
-        verify_standard(headers, body, FakeReplicateConfig().webhook_secret, now)
+        verify(headers, body, [FakeReplicateConfig().webhook_secret], now)

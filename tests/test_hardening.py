@@ -160,7 +160,7 @@ def test_binding_a_public_address_without_a_token_warns(
 
 def test_serve_without_a_fal_key_refuses_to_start(tmp_path: Path) -> None:
     settings = Settings.from_env({}, database_url=f"sqlite:///{tmp_path}/x.db")
-    with pytest.raises(ConfigError, match="FAL_KEY is not set"):
+    with pytest.raises(ConfigError, match="no provider credentials are set"):
         serve(settings, host="127.0.0.1", port=0)
     assert not (tmp_path / "x.db").exists()
 

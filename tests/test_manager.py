@@ -260,6 +260,7 @@ ASYNC_ONLY = {
     "failures",
     "files",
     "handle_webhook",
+    "look_up",
     "job_files",
     "new_job",
     "overview",

@@ -12,8 +12,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 
 from jobs.config import Settings
+from jobs.errors import ConfigError
 from jobs.manager import AsyncJobManager
 from jobs.providers.standard_webhooks import sign
 from jobs.states import State
@@ -88,3 +90,19 @@ async def test_without_a_secret_callbacks_are_refused_for_a_retry(
         response = await _deliver(client, BODY)
         assert response.status_code == 503
         assert "JOBS_REPLICATE_WEBHOOK_SECRET is not set" in response.text
+
+
+async def test_the_webhook_events_asked_for_are_a_setting() -> None:
+    """``JOBS_REPLICATE_WEBHOOK_EVENTS`` reaches the create's ``webhook_events_filter``; an
+    event Replicate does not know is refused when the settings load."""
+    from jobs.providers import create
+    from jobs.providers.replicate import ReplicateProvider
+
+    settings = Settings.from_env({"JOBS_REPLICATE_WEBHOOK_EVENTS": "start, logs,completed"})
+    provider = create("replicate", settings)
+    assert isinstance(provider, ReplicateProvider)
+    assert provider.webhook_events == ("start", "logs", "completed")
+    await provider.close()
+    assert Settings.from_env({}).replicate_webhook_events == ("completed",)
+    with pytest.raises(ConfigError, match="JOBS_REPLICATE_WEBHOOK_EVENTS"):
+        Settings.from_env({"JOBS_REPLICATE_WEBHOOK_EVENTS": "done"})

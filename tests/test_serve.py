@@ -5,6 +5,7 @@ never a secret."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
@@ -23,7 +24,14 @@ from support.waiting import free_port, wait_for
 
 from jobs import JobManager, Settings
 from jobs.config import Secret
-from jobs.logs import JobContextFilter, JsonFormatter, RedactFilter, TextFormatter, job_context
+from jobs.logs import (
+    JobContextFilter,
+    JsonFormatter,
+    RedactFilter,
+    TextFormatter,
+    job_context,
+    secrets_of,
+)
 from jobs.testing import FakeFalConfig, FakeFalServer
 
 pytestmark = pytest.mark.timeout(90)
@@ -212,3 +220,37 @@ def test_secrets_never_reach_the_log(formatter: logging.Formatter) -> None:
         assert secret not in text
     assert text.count("***") >= 7
     assert "Accept" in text and "with a traceback" in text and "RuntimeError" in text
+
+
+def test_replicate_credentials_are_redacted_one_by_one(tmp_path: Path) -> None:
+    """The Replicate token and each webhook secret of a rotation are credentials: a log
+    line or an answer holding any one of them shows it redacted."""
+    old = "whsec_" + base64.b64encode(b"o" * 32).decode()
+    new = "whsec_" + base64.b64encode(b"n" * 32).decode()
+    settings = Settings.from_env(
+        {
+            "JOBS_DATABASE_URL": f"sqlite:///{tmp_path}/jobs.db",
+            "REPLICATE_API_TOKEN": "r8_replicate-token-do-not-log",
+            "JOBS_REPLICATE_WEBHOOK_SECRET": f"{old} {new}",
+        }
+    )
+    stream = io.StringIO()
+    log = _logger(stream, TextFormatter(), secrets_of(settings))
+    log.info("token r8_replicate-token-do-not-log, new secret %s", new)
+    text = stream.getvalue()
+    assert "r8_replicate-token-do-not-log" not in text and new not in text
+    assert text.count("***") == 2
+
+
+def test_serve_needs_some_provider_credentials(tmp_path: Path) -> None:
+    """A Replicate-only deployment serves; none at all is one clear error."""
+    from jobs.providers import configured
+
+    base = {"JOBS_DATABASE_URL": f"sqlite:///{tmp_path}/jobs.db", "FAL_KEY": ""}
+    assert configured(Settings.from_env(base)) == []
+    only_replicate = Settings.from_env({**base, "REPLICATE_API_TOKEN": "r8_x"})
+    assert configured(only_replicate) == ["replicate"]
+    env = jobs_env(f"sqlite:///{tmp_path}/jobs.db", "http://127.0.0.1:9", fal_key="")
+    refused = run_cli(["serve", "--port", "0"], {**env, "REPLICATE_API_TOKEN": ""})
+    assert refused.returncode == 2
+    assert "FAL_KEY" in refused.stderr and "REPLICATE_API_TOKEN" in refused.stderr

@@ -6,7 +6,7 @@ from __future__ import annotations
 import click
 
 from .. import poller as poller_defaults  # light: the knobs' defaults for `serve --help`
-from .base import ENV_DB, ENV_FAL, errors, help_epilog, main, say
+from .base import ENV_DB, ENV_PROVIDERS, errors, help_epilog, main, say
 
 
 @main.group()
@@ -35,7 +35,7 @@ _POSITIVE = click.FloatRange(min=0, min_open=True)
             "jobsctl serve",
             "JOBS_PUBLIC_URL=https://jobs.example.com jobsctl serve --host 0.0.0.0",
         ],
-        f"{ENV_DB}, {ENV_FAL}, JOBS_PUBLIC_URL, JOBS_API_TOKEN, JOBS_FAL_JWKS_URL, "
+        f"{ENV_DB}, {ENV_PROVIDERS}, JOBS_PUBLIC_URL, JOBS_API_TOKEN, JOBS_FAL_JWKS_URL, "
         "JOBS_AMBIGUOUS_POLICY, JOBS_CACHE_DIR, JOBS_CACHE_FILES",
     )
 )

@@ -31,7 +31,8 @@ EXIT_INTERRUPTED = 130
 
 # The variables most commands read; a command's help lists these plus its own.
 ENV_DB = "JOBS_DATABASE_URL"
-ENV_FAL = "FAL_KEY, JOBS_FAL_QUEUE_URL"
+# What reaches the providers; every command that polls or sends may need it.
+ENV_PROVIDERS = "FAL_KEY, JOBS_FAL_QUEUE_URL, REPLICATE_API_TOKEN, JOBS_REPLICATE_API_URL"
 
 
 def help_epilog(examples: Sequence[str], env: str) -> str:

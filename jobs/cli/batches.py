@@ -10,7 +10,7 @@ import click
 from .base import (
     DURATION,
     ENV_DB,
-    ENV_FAL,
+    ENV_PROVIDERS,
     EXIT_FAILED,
     EXIT_NOT_FINISHED,
     EXIT_UNKNOWN,
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 @main.command(
     "wait",
     epilog=help_epilog(
-        ["jobsctl wait --batch night-1", "jobsctl wait --timeout 2h"], f"{ENV_DB}, {ENV_FAL}"
+        ["jobsctl wait --batch night-1", "jobsctl wait --timeout 2h"], f"{ENV_DB}, {ENV_PROVIDERS}"
     ),
 )
 @click.option("--batch", help="Only this batch (default: every job not finished now).")

@@ -9,7 +9,7 @@ import click
 from .base import (
     DURATION,
     ENV_DB,
-    ENV_FAL,
+    ENV_PROVIDERS,
     EXIT_FAILED,
     StateFilter,
     emit,
@@ -46,7 +46,7 @@ refresh_option = click.option(
 @main.command(
     epilog=help_epilog(
         ["jobsctl status 3f9c2a01d4", "jobsctl status lora-run-7 --no-refresh"],
-        f"{ENV_DB}, {ENV_FAL}",
+        f"{ENV_DB}, {ENV_PROVIDERS}",
     )
 )
 @click.argument("job")
@@ -61,7 +61,7 @@ def status(job: str, refresh: bool, output: str | None) -> None:
     show_one(run(action).to_dict(), output)
 
 
-@main.command("show", epilog=help_epilog(["jobsctl show 3f9c2a01d4"], f"{ENV_DB}, {ENV_FAL}"))
+@main.command("show", epilog=help_epilog(["jobsctl show 3f9c2a01d4"], f"{ENV_DB}, {ENV_PROVIDERS}"))
 @click.argument("job")
 @refresh_option
 @output_option
@@ -151,7 +151,9 @@ def list_(
     show([j.to_dict() for j in run(action)], output, JOB_COLUMNS)
 
 
-@main.command(epilog=help_epilog(["jobsctl logs 3f9c2a01d4 --follow"], f"{ENV_DB}, {ENV_FAL}"))
+@main.command(
+    epilog=help_epilog(["jobsctl logs 3f9c2a01d4 --follow"], f"{ENV_DB}, {ENV_PROVIDERS}")
+)
 @click.argument("job")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new lines until the job ends.")
 @refresh_option
@@ -174,7 +176,7 @@ def logs(job: str, follow: bool, refresh: bool) -> None:
             "jobsctl result lora-run-7 --wait --timeout 2h",
             "jobsctl result 3f9c2a01d4 --files out/",
         ],
-        f"{ENV_DB}, {ENV_FAL}, JOBS_CACHE_DIR",
+        f"{ENV_DB}, {ENV_PROVIDERS}, JOBS_CACHE_DIR",
     )
 )
 @click.argument("job")

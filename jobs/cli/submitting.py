@@ -16,7 +16,7 @@ from ..records import SubmitOptions, short_id, submit_outcome
 from .base import (
     DURATION,
     ENV_DB,
-    ENV_FAL,
+    ENV_PROVIDERS,
     EXIT_FAILED,
     EXIT_USAGE,
     emit,
@@ -157,7 +157,7 @@ def explain_unsent(job: Job) -> None:
             "jobsctl submit fal-ai/flux/dev --input @input.json --idempotency-key cat-1",
             "jobsctl submit fal-ai/flux/dev --inputs prompts.jsonl --batch night-1",
         ],
-        f"{ENV_DB}, {ENV_FAL}, JOBS_PUBLIC_URL (webhooks), JOBS_CACHE_FILES",
+        f"{ENV_DB}, {ENV_PROVIDERS}, JOBS_PUBLIC_URL (webhooks), JOBS_CACHE_FILES",
     )
 )
 @click.argument("application")
@@ -268,7 +268,7 @@ def submit_inputs(
             'jobsctl run fal-ai/flux/dev --input \'{"prompt": "a cat"}\'',
             "jobsctl run fal-ai/flux/dev --input @in.json --idempotency-key cat-1 --timeout 10m",
         ],
-        f"{ENV_DB}, {ENV_FAL}, JOBS_PUBLIC_URL",
+        f"{ENV_DB}, {ENV_PROVIDERS}, JOBS_PUBLIC_URL",
     ),
 )
 @click.argument("application")
@@ -313,7 +313,7 @@ def run_(
 @main.command(
     epilog=help_epilog(
         ["jobsctl retry 3f9c2a01d4", "jobsctl retry --batch night-1 --reason remote_error"],
-        f"{ENV_DB}, {ENV_FAL}",
+        f"{ENV_DB}, {ENV_PROVIDERS}",
     )
 )
 @click.argument("job", required=False)
@@ -359,7 +359,7 @@ def retry(job: str | None, batch: str | None, reasons: tuple[str, ...], output: 
 @main.command(
     epilog=help_epilog(
         ["jobsctl track fal-ai/flux/dev 764cabcf-b745-4b3e-ae38-1200304cf45b"],
-        f"{ENV_DB}, {ENV_FAL}",
+        f"{ENV_DB}, {ENV_PROVIDERS}",
     )
 )
 @click.argument("application")
@@ -382,7 +382,7 @@ def track(application: str, request_id: str, provider: str, output: str | None) 
     show_one(run(action).to_dict(), output)
 
 
-@main.command(epilog=help_epilog(["jobsctl cancel 3f9c2a01d4"], f"{ENV_DB}, {ENV_FAL}"))
+@main.command(epilog=help_epilog(["jobsctl cancel 3f9c2a01d4"], f"{ENV_DB}, {ENV_PROVIDERS}"))
 @click.argument("job")
 @output_option
 def cancel(job: str, output: str | None) -> None:

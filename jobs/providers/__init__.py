@@ -20,6 +20,12 @@ if TYPE_CHECKING:
 NAMES = ("fal", "replicate")
 
 
+def configured(settings: Settings) -> list[str]:
+    """The providers whose credentials are set (``FAL_KEY``, ``REPLICATE_API_TOKEN``)."""
+    keys = {"fal": settings.fal_key, "replicate": settings.replicate_api_token}
+    return [name for name in NAMES if keys[name] is not None]
+
+
 def create(
     name: str, settings: Settings, *, on_rate_wait: Callable[[float], None] | None = None
 ) -> Provider:
@@ -47,6 +53,7 @@ def create(
             token=settings.replicate_api_token,
             client=make_client(),
             webhook_secrets=settings.replicate_webhook_secrets,
+            webhook_events=settings.replicate_webhook_events,
             gate=RateGate(on_wait=on_rate_wait),
         )
     raise ConfigError(f"unknown provider {name!r}; this version knows {', '.join(NAMES)}")

@@ -42,7 +42,13 @@ from .base import (
     WebhookDelivery,
     WebhookUnavailable,
 )
-from .http import RETRY_STATUSES, RateGate, RetryPolicy, never_sent, parse_retry_after
+from .http import (
+    RateGate,
+    RetryPolicy,
+    never_sent,
+    parse_retry_after,
+    send_repeatable,
+)
 from .jwks import JwksCache
 from .signatures import FAL_USER_ID, SignatureError, verify_fal
 
@@ -527,35 +533,19 @@ class FalProvider:
         params: Mapping[str, str] | None = None,
         final: Callable[[httpx.Response], bool] = lambda r: False,
     ) -> httpx.Response:
-        """Send an idempotent request, retrying transport errors and RETRY_STATUSES unless
-        ``final(response)`` says the reply is the answer itself."""
-        headers = self._auth()
-        for attempt in range(1, self._retry.attempts + 1):
-            last = attempt == self._retry.attempts
-            await self.gate.wait()
-            try:
-                response = await self._client.request(method, url, params=params, headers=headers)
-            except httpx.TransportError as exc:
-                if last:
-                    raise ProviderUnavailable(
-                        f"fal could not be reached: {type(exc).__name__}: {exc}"
-                    ) from None
-                await self._sleep(self._retry.delay(attempt))
-                continue
-            code = response.status_code
-            if code not in RETRY_STATUSES or final(response):
-                return response
-            retry_after = parse_retry_after(response.headers.get("retry-after"))
-            if code == 429:
-                self.gate.pause(self._retry.delay(attempt, retry_after))
-            if last:
-                raise ProviderUnavailable(
-                    f"fal kept answering HTTP {code} ({attempt} attempts)",
-                    status_code=code,
-                    retry_after=retry_after,
-                )
-            await self._sleep(0 if code == 429 else self._retry.delay(attempt, retry_after))
-        raise AssertionError("unreachable: the loop returns or raises")
+        """An idempotent request (:func:`jobs.providers.http.send_repeatable`)."""
+        return await send_repeatable(
+            self._client,
+            method,
+            url,
+            provider="fal",
+            headers=self._auth(),
+            retry=self._retry,
+            gate=self.gate,
+            sleep=self._sleep,
+            params=params,
+            final=final,
+        )
 
     async def find_submitted(
         self, request: SubmitRequest, *, job_id: str, since: float, held: Held | None = None

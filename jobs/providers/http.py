@@ -12,13 +12,15 @@ import asyncio
 import email.utils
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
 import httpx
 from aiohttp.abc import AbstractResolver
 from httpx_aiohttp import AiohttpTransport
+
+from ..errors import ProviderUnavailable
 
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 # The longest a Retry-After is honoured (seconds): one huge value must not stop a provider.
@@ -129,3 +131,54 @@ class RateGate:
             if self._on_wait is not None:
                 self._on_wait(delay)
             await self._sleep(min(delay, self.max_pause))
+
+
+def header_retry_after(response: httpx.Response) -> float | None:
+    """The ``Retry-After`` header of a reply, in seconds."""
+    return parse_retry_after(response.headers.get("retry-after"))
+
+
+async def send_repeatable(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    provider: str,
+    headers: Mapping[str, str],
+    retry: RetryPolicy,
+    gate: RateGate,
+    sleep: Callable[[float], Awaitable[None]],
+    params: Mapping[str, str] | None = None,
+    retry_after: Callable[[httpx.Response], float | None] = header_retry_after,
+    final: Callable[[httpx.Response], bool] = lambda response: False,
+) -> httpx.Response:
+    """Send a request that is safe to repeat (a status read, a cancel) to ``provider``,
+    retrying transport errors and :data:`RETRY_STATUSES` unless ``final(response)`` says
+    the reply is the answer itself; a 429 pauses ``gate`` for every request to it.
+    Raises ``ProviderUnavailable`` once ``retry.attempts`` are spent."""
+    for attempt in range(1, retry.attempts + 1):
+        last = attempt == retry.attempts
+        await gate.wait()
+        try:
+            response = await client.request(method, url, params=params, headers=headers)
+        except httpx.TransportError as exc:
+            if last:
+                raise ProviderUnavailable(
+                    f"{provider} could not be reached: {type(exc).__name__}: {exc}"
+                ) from None
+            await sleep(retry.delay(attempt))
+            continue
+        code = response.status_code
+        if code not in RETRY_STATUSES or final(response):
+            return response
+        wait = retry_after(response)
+        if code == 429:
+            gate.pause(retry.delay(attempt, wait))
+        if last:
+            raise ProviderUnavailable(
+                f"{provider} kept answering HTTP {code} ({attempt} attempts)",
+                status_code=code,
+                retry_after=wait,
+            )
+        await sleep(0 if code == 429 else retry.delay(attempt, wait))
+    raise AssertionError("unreachable: the loop returns or raises")

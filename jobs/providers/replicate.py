@@ -75,7 +75,13 @@ from .base import (
     WebhookUnavailable,
 )
 from .fal import loads
-from .http import RETRY_STATUSES, RateGate, RetryPolicy, never_sent, parse_retry_after
+from .http import (
+    RateGate,
+    RetryPolicy,
+    never_sent,
+    parse_retry_after,
+    send_repeatable,
+)
 
 WEBHOOK_EVENTS = ("start", "output", "logs", "completed")
 DEFAULT_WEBHOOK_EVENTS = ("completed",)
@@ -586,35 +592,20 @@ class ReplicateProvider:
     async def _send(
         self, method: str, url: str, *, params: Mapping[str, str] | None = None
     ) -> httpx.Response:
-        """Send a request that is safe to repeat (GET, cancel), retrying transport errors
-        and RETRY_STATUSES; a 429 pauses the gate for every request to Replicate."""
-        headers = self._auth()
-        for attempt in range(1, self._retry.attempts + 1):
-            last = attempt == self._retry.attempts
-            await self.gate.wait()
-            try:
-                response = await self._client.request(method, url, params=params, headers=headers)
-            except httpx.TransportError as exc:
-                if last:
-                    raise ProviderUnavailable(
-                        f"Replicate could not be reached: {type(exc).__name__}: {exc}"
-                    ) from None
-                await self._sleep(self._retry.delay(attempt))
-                continue
-            code = response.status_code
-            if code not in RETRY_STATUSES:
-                return response
-            retry_after = retry_after_of(response)
-            if code == 429:
-                self.gate.pause(self._retry.delay(attempt, retry_after))
-            if last:
-                raise ProviderUnavailable(
-                    f"Replicate kept answering HTTP {code} ({attempt} attempts)",
-                    status_code=code,
-                    retry_after=retry_after,
-                )
-            await self._sleep(0 if code == 429 else self._retry.delay(attempt, retry_after))
-        raise AssertionError("unreachable: the loop returns or raises")
+        """A request safe to repeat (GET, cancel): :func:`jobs.providers.http.send_repeatable`,
+        honouring the body's ``retry_after`` too."""
+        return await send_repeatable(
+            self._client,
+            method,
+            url,
+            provider="Replicate",
+            headers=self._auth(),
+            retry=self._retry,
+            gate=self.gate,
+            sleep=self._sleep,
+            params=params,
+            retry_after=retry_after_of,
+        )
 
     def _json(self, response: httpx.Response, what: str) -> Any:
         try:

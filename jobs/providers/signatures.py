@@ -1,8 +1,8 @@
-"""Webhook signature schemes, as pure functions: no I/O, no clock of their own.
+"""fal's webhook signatures, as pure functions: no I/O, no clock of their own.
 
 fal signs with ED25519 over ``request_id \\n user_id \\n timestamp \\n sha256hex(raw body)``
-and publishes its public keys as a JWKS. Replicate uses Standard Webhooks (HMAC-SHA256 over
-``id.timestamp.body``). Fetching and caching fal's JWKS is a separate step
+and publishes its public keys as a JWKS (Replicate's Standard Webhooks scheme is
+:mod:`jobs.providers.standard_webhooks`). Fetching and caching fal's JWKS is a separate step
 (:mod:`jobs.providers.jwks`) so these functions are tested against the spec vectors offline.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import hmac
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -125,56 +124,3 @@ def public_jwk(private_key: Ed25519PrivateKey, kid: str) -> dict[str, str]:
     raw = private_key.public_key().public_bytes_raw()
     x = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
     return {"kty": "OKP", "crv": "Ed25519", "x": x, "kid": kid, "use": "sig", "alg": "EdDSA"}
-
-
-# --- Replicate: Standard Webhooks (HMAC-SHA256) -------------------------------------------
-
-
-def _standard_key(secret: str) -> bytes:
-    prefix, sep, encoded = secret.partition("_")
-    if not sep or prefix != "whsec" or not encoded:
-        raise ValueError("a Replicate webhook secret looks like whsec_<base64>")
-    return base64.b64decode(encoded, validate=True)
-
-
-def verify_standard(
-    headers: Mapping[str, str],
-    body: bytes,
-    secret: str,
-    now: float,
-    *,
-    tolerance: float = TOLERANCE_SECONDS,
-) -> str:
-    """Check a Standard Webhooks delivery; return its ``webhook-id`` or raise SignatureError."""
-    h = _lower(headers)
-    missing = [n for n in ("webhook-id", "webhook-timestamp", "webhook-signature") if not h.get(n)]
-    if missing:
-        raise SignatureError(f"missing header(s): {', '.join(missing)}")
-    if not body:
-        raise SignatureError("empty body")
-    _check_time(h["webhook-timestamp"], now, tolerance)
-    key = _standard_key(secret)
-    signed = f"{h['webhook-id']}.{h['webhook-timestamp']}.".encode() + body
-    expected = hmac.new(key, signed, hashlib.sha256).digest()
-    for entry in h["webhook-signature"].split():
-        version, _, encoded = entry.partition(",")
-        if version != "v1":
-            continue
-        try:
-            candidate = base64.b64decode(encoded, validate=True)
-        except (ValueError, binascii.Error):
-            continue
-        if hmac.compare_digest(candidate, expected):
-            return h["webhook-id"]
-    raise SignatureError("no v1 signature matches the webhook secret")
-
-
-def sign_standard(secret: str, msg_id: str, timestamp: int, body: bytes) -> dict[str, str]:
-    """Standard Webhooks headers for ``body`` (tests and a future Replicate emulator)."""
-    signed = f"{msg_id}.{timestamp}.".encode() + body
-    digest = hmac.new(_standard_key(secret), signed, hashlib.sha256).digest()
-    return {
-        "webhook-id": msg_id,
-        "webhook-timestamp": str(timestamp),
-        "webhook-signature": "v1," + base64.b64encode(digest).decode(),
-    }

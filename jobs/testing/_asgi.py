@@ -90,3 +90,26 @@ async def drop_connection(receive: Receive, send: Send) -> None:
     await send({"type": "http.response.start", "status": 200, "headers": raw})
     await send({"type": "http.response.body", "body": b"{", "more_body": True})
     raise ConnectionAbortedError("fake-fal dropped the connection")
+
+
+async def run_lifespan(
+    receive: Receive,
+    send: Send,
+    start: Callable[[], Awaitable[None]],
+    stop: Callable[[], Awaitable[None]],
+) -> None:
+    """Answer an ASGI lifespan: ``start`` on startup (a failure is reported, not raised),
+    ``stop`` on shutdown."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            try:
+                await start()
+            except Exception as exc:
+                await send({"type": "lifespan.startup.failed", "message": repr(exc)})
+                return
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await stop()
+            await send({"type": "lifespan.shutdown.complete"})
+            return

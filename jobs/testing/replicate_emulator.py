@@ -336,7 +336,7 @@ class FakeReplicate:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "lifespan":
-            await self._lifespan(receive, send)
+            await _asgi.run_lifespan(receive, send, self.start, self.stop)
         elif kind == "http":
             try:
                 if scope["path"].startswith("/_fake/"):
@@ -347,21 +347,6 @@ class FakeReplicate:
                 return  # nothing was created or changed: the body never arrived whole
         elif kind == "websocket":
             await send({"type": "websocket.close", "code": 1008})
-
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                try:
-                    await self.start()
-                except Exception as exc:
-                    await send({"type": "lifespan.startup.failed", "message": repr(exc)})
-                    return
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await self.stop()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
 
     def _draw_fault(self) -> str | None:
         c = self.config

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
-from jobs.providers.signatures import sign_standard
+from jobs.providers.standard_webhooks import sign as sign_one
 from jobs.testing.replicate_model import FakeReplicateConfig, FakeReplicateStats
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ _ID_CHARS = string.ascii_letters + string.digits
 
 def sign(secrets: list[str], msg_id: str, timestamp: int, body: bytes) -> dict[str, str]:
     """Standard Webhooks headers for ``body``, one ``v1`` signature per secret."""
-    signed = [sign_standard(secret, msg_id, timestamp, body) for secret in secrets]
+    signed = [sign_one(secret, msg_id, timestamp, body) for secret in secrets]
     headers = signed[0]
     headers["webhook-signature"] = " ".join(h["webhook-signature"] for h in signed)
     return headers

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
-from ..config import Secret, Settings
+from ..config import Settings
 from ..manager import AsyncJobManager
 from ..metrics import WEBHOOKS
 from .api import SUBMIT_PATH, JobsApi
@@ -91,16 +91,9 @@ def create_app(
             for shutdown in reversed(shutdowns):
                 await shutdown()
 
-    credentials = (
-        settings.fal_key,
-        settings.api_token,
-        settings.replicate_api_token,
-        *settings.replicate_webhook_secrets,  # each one: several are set while rotating
-    )
-    secrets: list[Secret] = [s for s in credentials if s is not None]
     middleware = [
         Middleware(RequestId),
-        Middleware(RedactSecrets, secrets=secrets),
+        Middleware(RedactSecrets, secrets=settings.secrets),
         Middleware(
             BodySizeLimit,
             limit=body_limit,
