@@ -15,7 +15,8 @@ the job downloads. ``wait_batch`` (``jobsctl wait``) follows the batch to its en
   ``data_removed`` and their files are gone, while our results, events and cached files
   are all still here, byte for byte.
 
-The same batch of 40 without webhooks is settled by listing and polling alone.
+The 200 run with ``JOBS_TEST_SLOW=1`` (about 15 s); the default suite runs 60, and 40
+without webhooks, settled by listing and polling alone.
 """
 
 from __future__ import annotations
@@ -170,10 +171,17 @@ async def _files_cached(
             assert path.read_bytes() == data
 
 
+@pytest.mark.slow
 async def test_two_hundred_predictions_through_faults_are_right_once_and_kept(
     tmp_path: Path, sqlite_migrated_url: str, server: FakeReplicateServer
 ) -> None:
     await _run(tmp_path, sqlite_migrated_url, server, 200, webhooks=True)
+
+
+async def test_sixty_predictions_through_faults_are_right_once_and_kept(
+    tmp_path: Path, sqlite_migrated_url: str, server: FakeReplicateServer
+) -> None:
+    await _run(tmp_path, sqlite_migrated_url, server, 60, webhooks=True)
 
 
 async def test_without_webhooks_listing_and_polling_alone_do_the_same(

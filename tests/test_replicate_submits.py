@@ -56,13 +56,14 @@ async def _manager(
     """A manager on ``url``; with ``webhooks``, behind a live app the emulator calls back."""
     settings = rp.settings(url, server, **extra)
     if not webhooks:
-        async with rp.open_manager(settings) as manager:
+        async with rp.open_manager(settings, poll_policy=rp.FAST_POLLS) as manager:
             yield manager
         return
-    async with rp.live_app(lambda public: rp.manager(settings.replace(public_url=public))) as (
-        manager,
-        _,
-    ):
+
+    def make(public: str) -> AsyncJobManager:
+        return rp.manager(settings.replace(public_url=public), poll_policy=rp.FAST_POLLS)
+
+    async with rp.live_app(make) as (manager, _):
         yield manager
 
 
@@ -114,14 +115,16 @@ async def test_a_429_on_create_is_sent_again_because_nothing_was_made(
 ) -> None:
     server.fake.update_config({"rate_limit_no_header_rate": 0.5, "fault_kinds": ["create"]})
     settings = rp.settings(sqlite_migrated_url, server)
-    retry = RetryPolicy(attempts=10, base=0.05, cap=0.4, max_retry_after=0.3)
-    async with rp.open_manager(settings, retry=retry) as manager:
+    retry = RetryPolicy(attempts=10, base=0.05, cap=0.4, max_retry_after=0.05)
+    async with rp.open_manager(settings, retry=retry, poll_policy=rp.FAST_POLLS) as manager:
+        sent = []
         for i in range(6):
             arguments = {"prompt": f"throttled {i}"}
             job = await manager.submit(rp.APP, arguments, provider="replicate")
             kinds = [kind for kind, _ in _kinds(await manager.events(job.id))]
             assert "submit_ambiguous" not in kinds and job.state is State.QUEUED
-            await _succeeds_once(manager, server, job, arguments)
+            sent.append((job, arguments))
+        await asyncio.gather(*(_succeeds_once(manager, server, j, a) for j, a in sent))
     assert server.stats.responses_429 > 0, "no 429 was drawn: nothing was checked"
 
 
