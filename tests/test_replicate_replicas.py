@@ -28,7 +28,9 @@ from jobs.states import State
 from jobs.store import Job, Store
 from jobs.testing import FakeReplicateServer
 
-pytestmark = pytest.mark.timeout(180)
+# Slow: the fal twin (tests/test_replicas.py) runs the same claims by default; this one adds
+# Replicate's own reads and kill to the slow suite.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 MIN_GAP = 0.5  # seconds; the backoff's smallest spacing is 0.9 s (1 s initial, -10 % jitter)
 SERVE_ARGS = ("--tick", "0.1", "--lease", "3", "--log-level", "debug", "--log-format", "json")
