@@ -51,7 +51,7 @@ from rich.progress import (
 from rich.text import Text
 
 from .manager import AsyncJobManager
-from .records import Job, NewJob, SubmitOptions, submit_outcome
+from .records import Job, NewJob, PollJob, SubmitOptions, submit_outcome
 from .results import SavedFile, find_files
 from .states import ACTIVE, State
 
@@ -358,7 +358,7 @@ async def wait_batch(
     claims = manager.claims
     since = None if batch is not None else time.time()
     deadline = None if timeout is None else time.monotonic() + timeout
-    polls: set[asyncio.Task[Job | None]] = set()
+    polls: set[asyncio.Task[PollJob | None]] = set()
     try:
         while True:
             counts = await store.aio.run(store.count_by_state, batch=batch, finished_since=since)

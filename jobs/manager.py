@@ -60,7 +60,7 @@ from .metrics import (
 )
 from .providers import create as create_provider
 from .providers.base import Observation, Provider, SubmitRequest, Submitted
-from .records import SubmitOptions
+from .records import J, PollJob, SubmitOptions
 from .states import FailureReason, State
 from .store import (
     Applied,
@@ -75,6 +75,7 @@ from .store import (
     MarkSubmitted,
     NewJob,
     Overview,
+    Polled,
     Store,
     column_length,
 )
@@ -456,7 +457,7 @@ class AsyncJobManager:
             return "resubmit"
         return "wait" if job.webhook and not waited else "fail"
 
-    async def fail_ambiguous(self, job: Job) -> Applied:
+    async def fail_ambiguous(self, job: Job) -> Applied[Job]:
         """End an ambiguous job as ``failed`` (``ambiguous_submit``), if still submitting."""
         if job.attempts >= self.settings.max_submit_attempts:
             why = (
@@ -693,8 +694,12 @@ class AsyncJobManager:
         """Raise when the database does not answer."""
         await self.store.aio.run(self.store.ping)
 
-    async def refresh(self, job: Job) -> Job:
-        """Poll one claimed job, apply what was seen, schedule its next poll."""
+    async def refresh(self, job: J, *, replied: Callable[[], None] | None = None) -> J:
+        """Poll one claimed job, apply what was seen, schedule its next poll; the job after,
+        as the same kind of record (a claim's :class:`~jobs.records.PollJob` or a full
+        :class:`Job`). ``replied`` is called once the provider has answered (or failed to),
+        before the answer is written: a poller may use the slot for another job while this
+        one's write waits for its group commit (the lease still holds the job)."""
         provider = self.provider(job.provider)
         started = time.perf_counter()
         try:
@@ -709,6 +714,8 @@ class AsyncJobManager:
                         metrics=observation.metrics if observation.metrics else outcome.metrics,
                     )
         except ProviderError as exc:
+            if replied is not None:
+                replied()
             POLLS.labels(provider.name, "error").inc()
             retry_after = exc.retry_after if isinstance(exc, ProviderUnavailable) else None
             step = self._next_poll(
@@ -725,12 +732,19 @@ class AsyncJobManager:
                 next_poll_at=time.time() + step.delay,
                 poll_interval=step.interval,
             )
-            return await self.store.aio.run(self.store.get, job.id)
+            return job.with_row(await self.store.aio.run(self.store.get, job.id))
+        if replied is not None:
+            replied()
         POLLS.labels(provider.name, "ok").inc()
         POLL_SECONDS.labels(provider.name).observe(time.perf_counter() - started)
-        return (await self.apply(job, observation)).job
+        # The claimed record is what the poll decides from: applied by compare-and-set on
+        # it, without reading the row again (jobs.store.transitions, Polled).
+        applied = await self.writer.write(Polled(job, observation, Backoff(self.poll_policy)))
+        if applied is None:
+            raise JobNotFound(job.id)
+        return self._after_apply(applied).job
 
-    async def apply(self, job: Job, observation: Observation) -> Applied:
+    async def apply(self, job: Job, observation: Observation) -> Applied[Job]:
         """Apply an observation to a job through the store's compare-and-set (batched)."""
         change = Change(observation, job_id=job.id, backoff=Backoff(self.poll_policy))
         applied = await self.writer.write(change)
@@ -759,7 +773,7 @@ class AsyncJobManager:
             rand=random.random(),
         )
 
-    def _after_apply(self, applied: Applied) -> Applied:
+    def _after_apply(self, applied: Applied[J]) -> Applied[J]:
         done = applied.job
         if applied.finished:
             lag = detection_lag(done)
@@ -1107,7 +1121,7 @@ class AsyncJobManager:
         return await self.store.aio.run(self.store.files, job.id)
 
 
-def detection_lag(job: Job) -> float | None:
+def detection_lag(job: PollJob) -> float | None:
     """Seconds from the remote finish to our record of it, when the provider reported its
     run time (``metrics.inference_time``) and we saw the job running: the finish is then the
     start plus that time. We see the start no earlier than it happened, so the figure errs

@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # kept out of the import, so `jobs --help` can show the defau
     from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
     from .manager import AsyncJobManager
-    from .records import Job
+    from .records import Job, PollJob
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class Poller:
         self.ambiguous_period = ambiguous_period
         self.ambiguous_policy: AmbiguousPolicy = "fail" if policy == "fail" else "resubmit"
         self.stop_timeout = stop_timeout
-        self._polls: set[asyncio.Task[Job | None]] = set()
+        self._polls: set[asyncio.Task[PollJob | None]] = set()
         self._runs: set[asyncio.Task[object]] = set()  # ticks and resolver runs in progress
         self._tick_lock = asyncio.Lock()
         # The last claim filled every free slot, so more jobs are probably due: freed slots
@@ -136,12 +136,12 @@ class Poller:
                     break
         return claimed_total
 
-    def _start_poll(self, job: Job) -> None:
+    def _start_poll(self, job: PollJob) -> None:
         task = asyncio.create_task(self.claims.poll(job), name=f"poll {job.id}")
         self._polls.add(task)
         task.add_done_callback(self._poll_done)
 
-    def _poll_done(self, task: asyncio.Task[Job | None]) -> None:
+    def _poll_done(self, task: asyncio.Task[PollJob | None]) -> None:
         self._polls.discard(task)
         free = self.concurrency - len(self._polls)
         if (
