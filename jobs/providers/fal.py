@@ -523,7 +523,6 @@ class FalProvider:
         method: str,
         url: str,
         *,
-        params: Mapping[str, str] | None = None,
         final: Callable[[httpx.Response], bool] = lambda r: False,
     ) -> httpx.Response:
         """Send an idempotent request, retrying transport errors and RETRY_STATUSES unless
@@ -533,7 +532,7 @@ class FalProvider:
             last = attempt == self._retry.attempts
             await self.gate.wait()
             try:
-                response = await self._client.request(method, url, params=params, headers=headers)
+                response = await self._client.request(method, url, headers=headers)
             except httpx.TransportError as exc:
                 if last:
                     raise ProviderUnavailable(
@@ -564,7 +563,9 @@ class FalProvider:
     async def status(self, ref: RemoteRef, *, logs: bool = True) -> Observation:
         url = ref.status_url or self.ref_for(ref.application, ref.request_id).status_url
         assert url is not None
-        response = await self._send("GET", url, params={"logs": "1" if logs else "0"})
+        # A ready URL: a params= merge makes httpx parse and copy the URL again on every poll.
+        url += ("&" if "?" in url else "?") + ("logs=1" if logs else "logs=0")
+        response = await self._send("GET", url)
         if response.status_code == 404:
             return observation_from_result(response)
         if response.status_code in (401, 403):
