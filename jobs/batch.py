@@ -226,7 +226,12 @@ async def submit_batch(
     report = BatchReport(batch=batch, lines=len(lines))
     given = options or SubmitOptions()
     started = time.time()
-    workers = max(1, concurrency)
+    # Bound the wire, not the worker: at most ``concurrency`` submits at the provider, and
+    # twice as many senders, so each one's two group-commit writes (the attempt counted
+    # before the POST, the request id after it) overlap other submits' POSTs instead of
+    # holding one of the ``concurrency`` places while they wait.
+    wire = asyncio.Semaphore(max(1, concurrency))
+    workers = 2 * max(1, concurrency)
     chunk = max(RECORD_CHUNK, workers)
     to_send: asyncio.Queue[tuple[int, Job] | None] = asyncio.Queue(maxsize=workers)
 
@@ -265,7 +270,7 @@ async def submit_batch(
     async def send() -> None:
         while (item := await to_send.get()) is not None:
             number, job = item
-            done(_line_result(number, await manager.send(job), started))
+            done(_line_result(number, await manager.send(job, wire=wire), started))
 
     tasks = [asyncio.create_task(record())]
     tasks += [asyncio.create_task(send()) for _ in range(workers)]

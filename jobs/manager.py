@@ -10,6 +10,7 @@ same coroutines on a private event loop, so the logic exists once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -301,7 +302,12 @@ class AsyncJobManager:
         return [(job, _needs_send(job, created)) for job, created in recorded]
 
     async def send(
-        self, job: Job, *, reason: str = "submit", max_rate_wait: float | None = None
+        self,
+        job: Job,
+        *,
+        reason: str = "submit",
+        max_rate_wait: float | None = None,
+        wire: asyncio.Semaphore | None = None,
     ) -> Job:
         """Send a ``submitting`` job to its provider and record the outcome.
 
@@ -315,6 +321,9 @@ class AsyncJobManager:
         ``max_rate_wait``: when the provider's rate limit would hold the request longer than
         this many seconds, nothing is sent: the job stays recorded (event
         ``submit_deferred``) and the ambiguous-submit resolver of ``jobsctl serve`` sends it.
+
+        ``wire``: held around the provider's submit call only (a batch bounds the submits
+        at the provider with it, while its writes run outside it).
         """
         provider = self.provider(job.provider)
         if max_rate_wait is not None and (delay := provider.send_delay()) > max_rate_wait:
@@ -328,7 +337,7 @@ class AsyncJobManager:
             )
             return await self.store.aio.run(self.store.get, job.id)
         while True:
-            after, unsure = await self._send_once(provider, job, reason)
+            after, unsure = await self._send_once(provider, job, reason, wire)
             if unsure is None:
                 return after
             settled = await self._settle(provider, after, unsure)
@@ -337,7 +346,7 @@ class AsyncJobManager:
             job, reason = after, "ambiguous resubmit"
 
     async def _send_once(
-        self, provider: Provider, job: Job, reason: str
+        self, provider: Provider, job: Job, reason: str, wire: asyncio.Semaphore | None = None
     ) -> tuple[Job, ProviderError | None]:
         """One attempt; the error is returned when the attempt ended ambiguous."""
         if not await self.writer.write(BeginSubmit(job.id, job.attempts, reason)):
@@ -346,8 +355,9 @@ class AsyncJobManager:
         webhook_url = self._webhook_url(job, attempt) if job.webhook else None
         request = self._request(job.application, job.arguments, job, webhook_url)
         try:
-            with SUBMIT_SECONDS.labels(job.provider).time():
-                submitted = await provider.submit(request)
+            async with wire if wire is not None else contextlib.nullcontext():
+                with SUBMIT_SECONDS.labels(job.provider).time():
+                    submitted = await provider.submit(request)
         except ProviderRejected as exc:
             SUBMITS.labels(job.provider, "rejected").inc()
             error = _error_of(exc)
