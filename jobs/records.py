@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, Literal, Self, TypeVar
@@ -95,14 +95,25 @@ class PollJob:
     def from_row(cls, row: Row[Any] | Mapping[str, Any]) -> Self:
         """The record from a result row holding (at least) this record's columns."""
         if isinstance(row, Row):
-            # By position: building a mapping per row cost more than the query (a claim
-            # reads a thousand rows).
-            values = [row[i] for i in _positions(cls, row._fields)]
-        else:
-            values = [row[name] for name in _fields(cls)]
+            return cls.from_rows([row], row._fields)[0]
+        values = [row[name] for name in _fields(cls)]
         at = _fields(cls).index("state")
         values[at] = State(values[at])
         return cls(*values)
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[Row[Any]], columns: Sequence[str]) -> list[Self]:
+        """Records from result rows with these ``columns`` (``result.keys()``): by position,
+        looked up once for all of them (a claim reads a thousand rows; a mapping, or the
+        column names, per row cost more than the query)."""
+        positions = _positions(cls, tuple(columns))
+        at = _fields(cls).index("state")
+        made = []
+        for row in rows:
+            values = [row[i] for i in positions]
+            values[at] = _STATES[values[at]]
+            made.append(cls(*values))
+        return made
 
     def with_row(self, row: Job) -> Self:
         """This record holding ``row``'s values (the same job, read again): the same kind
@@ -197,6 +208,7 @@ class Job(PollJob):
         }
 
 
+_STATES = {state.value: state for state in State}
 # Per record class: its fields in order, where ``state`` is among them, and where each field
 # sits in a result row of given columns (looked up once per shape of result).
 _FIELDS: dict[type[PollJob], tuple[str, ...]] = {}
@@ -291,9 +303,16 @@ class NewJob:
 
 def column_length(name: str, table: Table = jobs) -> int:
     """The ``VARCHAR`` length of ``<table>.<name>`` (jobs/db.py; ``jobs`` by default)."""
-    length = getattr(table.c[name].type, "length", None)
-    assert isinstance(length, int), f"{table.name}.{name} is not a VARCHAR column"
-    return length
+    # Looked up once per column: every webhook checks four ids against their columns.
+    found = _LENGTHS.get((table.name, name))
+    if found is None:
+        length = getattr(table.c[name].type, "length", None)
+        assert isinstance(length, int), f"{table.name}.{name} is not a VARCHAR column"
+        found = _LENGTHS[(table.name, name)] = length
+    return found
+
+
+_LENGTHS: dict[tuple[str, str], int] = {}
 
 
 def check_column_text(name: str, value: str | None) -> None:

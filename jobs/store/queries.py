@@ -166,9 +166,9 @@ def _failures(conn: Connection, *, batch: str | None) -> dict[str, int]:
     return {str(reason or "unknown"): n for reason, n in conn.execute(query)}
 
 
-def _claimed(row: Row[Any], previous_owner: str | None, owner: str) -> Claimed:
+def _claimed(job: PollJob, previous_owner: str | None, owner: str) -> Claimed:
     return Claimed(
-        job=PollJob.from_row(row),
+        job=job,
         took_over=previous_owner is not None and previous_owner != owner,
     )
 
@@ -460,13 +460,14 @@ class Store(FileQueries):
             if not picked:
                 return []
             previous = {r.id: r.lease_owner for r in picked}
-            rows = conn.execute(
+            result = conn.execute(
                 update(jobs)
                 .where(jobs.c.id.in_(previous))
                 .values(**lease)
                 .returning(*_POLL_COLUMNS)
-            ).all()
-            return [_claimed(row, previous[row.id], owner) for row in rows]
+            )
+            claimed = PollJob.from_rows(result.all(), list(result.keys()))
+            return [_claimed(job, previous[job.id], owner) for job in claimed]
 
         def tx_postgres(conn: Connection) -> list[Claimed]:
             picked = (
@@ -477,13 +478,17 @@ class Store(FileQueries):
                 .with_for_update(skip_locked=True)
                 .cte("picked")
             )
-            rows = conn.execute(
+            result = conn.execute(
                 update(jobs)
                 .where(jobs.c.id == picked.c.id)
                 .values(**lease)
                 .returning(*_POLL_COLUMNS, picked.c.prev_owner)
-            ).all()
-            return [_claimed(row, row.prev_owner, owner) for row in rows]
+            )
+            rows = result.all()
+            claimed = PollJob.from_rows(rows, list(result.keys()))
+            return [
+                _claimed(job, row.prev_owner, owner) for job, row in zip(claimed, rows, strict=True)
+            ]
 
         return self._tx(tx_sqlite if self.sqlite else tx_postgres)
 

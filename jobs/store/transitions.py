@@ -764,13 +764,12 @@ def _rows_by_request(
     found: dict[tuple[str, str], PollJob] = {}
     for provider, request_ids in wanted.items():
         for chunk in _chunks(request_ids):
-            rows = conn.execute(
+            result = conn.execute(
                 select(*_POLL_COLUMNS).where(
                     jobs.c.provider == provider, jobs.c.request_id.in_(chunk)
                 )
             )
-            for row in rows:
-                job = PollJob.from_row(row)
+            for job in PollJob.from_rows(result.all(), list(result.keys())):
                 assert job.request_id is not None
                 found[(provider, job.request_id)] = job
     return found
