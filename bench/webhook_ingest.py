@@ -55,7 +55,8 @@ from bench.common import (
 )
 from jobs.providers.signatures import public_jwk, sign_fal
 
-TARGET = 0.5
+TARGET = 0.8
+TARGET_CPU_MS = 0.8  # CPU the jobs serve process spends per callback
 LUA = ROOT / "bench" / "webhooks.lua"
 USER_ID = "bench-user"
 
@@ -297,7 +298,21 @@ def run(quick: bool, runs: int | None = None) -> Result:
             target=f">= {TARGET} x raw sqlite3 endpoint",
             met=r >= TARGET,
             notes=f"wrk, 64 connections, {sizes['seconds']} s per run; every callback distinct "
-            f"and its result stored; CPU per callback: ours {cpu_ours} ms, baseline {cpu_base} ms",
+            f"and its result stored; runs {runs}, ratios "
+            + ", ".join(str(r["ratio"]) for r in rows),
+        )
+    )
+    result.figures.append(
+        Figure(
+            figure="CPU per webhook, jobs serve",
+            ours=cpu_ours,
+            baseline=cpu_base,
+            unit="ms",
+            ratio=ratio(cpu_ours, cpu_base, lower_is_better=True),
+            target=f"<= {TARGET_CPU_MS} ms",
+            met=cpu_ours <= TARGET_CPU_MS,
+            notes="CPU time of the jobs serve process over the saturated pass / callbacks "
+            "answered; baseline: the raw sqlite3 endpoint's process",
         )
     )
     for conns, key_ours, key_base in (
