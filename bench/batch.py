@@ -29,7 +29,7 @@ from bench.common import (
     start_emulator,
 )
 
-TARGET = 0.85
+TARGET = 0.9
 LATENCY = 0.2
 CONCURRENCY = 64
 

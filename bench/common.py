@@ -37,7 +37,7 @@ HOST = "127.0.0.1"
 PG_SERVER = os.environ.get(
     "JOBS_BENCH_POSTGRES_SERVER", "postgresql+psycopg://postgres@127.0.0.1:5432"
 )
-PG_DATABASE = "jobs_bench"
+PG_DATABASE = os.environ.get("JOBS_BENCH_POSTGRES_DATABASE", "jobs_bench")
 
 _LIVE: list[Proc] = []
 
@@ -305,8 +305,8 @@ def sqlite_url(path: Path) -> str:
 
 
 def fresh_postgres() -> str:
-    """A clean ``jobs_bench`` database on the local PostgreSQL server (created once; its
-    tables dropped on every call); returns its URL."""
+    """A clean ``jobs_bench`` database (``JOBS_BENCH_POSTGRES_DATABASE``) on the local
+    PostgreSQL server: created once, every table dropped on each call; returns its URL."""
     from sqlalchemy import create_engine, text
 
     admin = create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
@@ -323,9 +323,10 @@ def fresh_postgres() -> str:
     engine = create_engine(url)
     try:
         with engine.begin() as conn:
-            for table in ("job_files", "job_logs", "job_events", "results", "jobs"):
-                conn.execute(text(f"DROP TABLE IF EXISTS {table} CASCADE"))
-            conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
+            # Every table, whichever migrations made them (naming them went stale once a
+            # migration added one: the next run's upgrade found it and stopped).
+            conn.execute(text("DROP SCHEMA public CASCADE"))
+            conn.execute(text("CREATE SCHEMA public"))
     finally:
         engine.dispose()
     return url

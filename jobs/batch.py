@@ -51,7 +51,7 @@ from rich.progress import (
 from rich.text import Text
 
 from .manager import AsyncJobManager
-from .records import Job, NewJob, SubmitOptions, submit_outcome
+from .records import Job, NewJob, PollJob, SubmitOptions, submit_outcome
 from .results import SavedFile, find_files
 from .states import ACTIVE, State
 
@@ -226,7 +226,12 @@ async def submit_batch(
     report = BatchReport(batch=batch, lines=len(lines))
     given = options or SubmitOptions()
     started = time.time()
-    workers = max(1, concurrency)
+    # Bound the wire, not the worker: at most ``concurrency`` submits at the provider, and
+    # twice as many senders, so each one's two group-commit writes (the attempt counted
+    # before the POST, the request id after it) overlap other submits' POSTs instead of
+    # holding one of the ``concurrency`` places while they wait.
+    wire = asyncio.Semaphore(max(1, concurrency))
+    workers = 2 * max(1, concurrency)
     chunk = max(RECORD_CHUNK, workers)
     to_send: asyncio.Queue[tuple[int, Job] | None] = asyncio.Queue(maxsize=workers)
 
@@ -265,7 +270,7 @@ async def submit_batch(
     async def send() -> None:
         while (item := await to_send.get()) is not None:
             number, job = item
-            done(_line_result(number, await manager.send(job), started))
+            done(_line_result(number, await manager.send(job, wire=wire), started))
 
     tasks = [asyncio.create_task(record())]
     tasks += [asyncio.create_task(send()) for _ in range(workers)]
@@ -358,7 +363,7 @@ async def wait_batch(
     claims = manager.claims
     since = None if batch is not None else time.time()
     deadline = None if timeout is None else time.monotonic() + timeout
-    polls: set[asyncio.Task[Job | None]] = set()
+    polls: set[asyncio.Task[PollJob | None]] = set()
     try:
         while True:
             counts = await store.aio.run(store.count_by_state, batch=batch, finished_since=since)

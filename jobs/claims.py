@@ -18,7 +18,8 @@ import os
 import secrets
 import socket
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from .config import decimal
 from .logs import job_context
@@ -26,7 +27,9 @@ from .metrics import LEASE_TAKEOVERS, POLLER_ERRORS
 
 if TYPE_CHECKING:
     from .manager import AsyncJobManager
-    from .records import Claimed, Job
+    from .records import Claimed, Job, PollJob
+
+J = TypeVar("J", bound="PollJob")
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +88,9 @@ class Claims:
     def owner(self) -> str:
         return self.manager.owner
 
-    async def claim_due(self, limit: int, *, batch: str | None = None) -> list[Job]:
-        """Claim up to ``limit`` due jobs (of ``batch``, if given), oldest due first."""
+    async def claim_due(self, limit: int, *, batch: str | None = None) -> list[PollJob]:
+        """Claim up to ``limit`` due jobs (of ``batch``, if given), oldest due first, as the
+        records a poll needs (:class:`~jobs.records.PollJob`)."""
         store = self.manager.store
         claimed = await store.aio.run(
             store.claim_due, self.owner, limit=limit, lease_seconds=self.lease, batch=batch
@@ -106,15 +110,21 @@ class Claims:
             dead_owner=dead_local_owner(job.lease_owner),
         )
 
-    async def poll(self, job: Job, *, raising: bool = False) -> Job | None:
+    async def poll(
+        self, job: J, *, raising: bool = False, replied: Callable[[], None] | None = None
+    ) -> J | None:
         """Poll a claimed job within its lease and apply what was seen; the job after, or
         None when the poll ran out of lease or failed (logged; with ``raising``, a failure
-        is raised instead: a user waiting on the job sees why, say a missing key)."""
+        is raised instead: a user waiting on the job sees why, say a missing key).
+
+        ``replied`` is called when the provider's answer is in, before it is written (see
+        :meth:`~jobs.manager.AsyncJobManager.refresh`). The budget covers the write too: a
+        poll and its apply never outlive :data:`POLL_BUDGET` of the lease."""
         with job_context(job.id, job.request_id):
             started = time.monotonic()
             try:
                 async with asyncio.timeout(self.lease * POLL_BUDGET):
-                    after = await self.manager.refresh(job)
+                    after = await self.manager.refresh(job, replied=replied)
             except TimeoutError:
                 POLLER_ERRORS.labels("poll").inc()
                 log.warning(

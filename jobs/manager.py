@@ -10,6 +10,7 @@ same coroutines on a private event loop, so the logic exists once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -62,7 +63,7 @@ from .metrics import (
 )
 from .providers import create as create_provider
 from .providers.base import Observation, Provider, SubmitRequest, Submitted
-from .records import SubmitOptions
+from .records import J, PollJob, SubmitOptions
 from .states import FailureReason, State
 from .store import (
     Applied,
@@ -77,6 +78,7 @@ from .store import (
     MarkSubmitted,
     NewJob,
     Overview,
+    Polled,
     Store,
     column_length,
 )
@@ -303,7 +305,12 @@ class AsyncJobManager:
         return [(job, _needs_send(job, created)) for job, created in recorded]
 
     async def send(
-        self, job: Job, *, reason: str = "submit", max_rate_wait: float | None = None
+        self,
+        job: Job,
+        *,
+        reason: str = "submit",
+        max_rate_wait: float | None = None,
+        wire: asyncio.Semaphore | None = None,
     ) -> Job:
         """Send a ``submitting`` job to its provider and record the outcome.
 
@@ -317,6 +324,9 @@ class AsyncJobManager:
         ``max_rate_wait``: when the provider's rate limit would hold the request longer than
         this many seconds, nothing is sent: the job stays recorded (event
         ``submit_deferred``) and the ambiguous-submit resolver of ``jobsctl serve`` sends it.
+
+        ``wire``: held around the provider's submit call only (a batch bounds the submits
+        at the provider with it, while its writes run outside it).
         """
         provider = self.provider(job.provider)
         if max_rate_wait is not None and (delay := provider.send_delay()) > max_rate_wait:
@@ -330,7 +340,7 @@ class AsyncJobManager:
             )
             return await self.store.aio.run(self.store.get, job.id)
         while True:
-            after, unsure = await self._send_once(provider, job, reason)
+            after, unsure = await self._send_once(provider, job, reason, wire)
             if unsure is None:
                 return after
             settled = await self._settle(provider, after, unsure)
@@ -339,7 +349,7 @@ class AsyncJobManager:
             job, reason = after, "ambiguous resubmit"
 
     async def _send_once(
-        self, provider: Provider, job: Job, reason: str
+        self, provider: Provider, job: Job, reason: str, wire: asyncio.Semaphore | None = None
     ) -> tuple[Job, ProviderError | None]:
         """One attempt; the error is returned when the attempt ended ambiguous."""
         if not await self.writer.write(BeginSubmit(job.id, job.attempts, reason)):
@@ -348,8 +358,9 @@ class AsyncJobManager:
         webhook_url = self._webhook_url(job, attempt) if job.webhook else None
         request = self._request(job.application, job.arguments, job, webhook_url)
         try:
-            with SUBMIT_SECONDS.labels(job.provider).time():
-                submitted = await provider.submit(request)
+            async with wire if wire is not None else contextlib.nullcontext():
+                with SUBMIT_SECONDS.labels(job.provider).time():
+                    submitted = await provider.submit(request)
         except ProviderRejected as exc:
             SUBMITS.labels(job.provider, "rejected").inc()
             error = _error_of(exc)
@@ -471,7 +482,7 @@ class AsyncJobManager:
             return "resubmit"
         return "wait" if job.webhook and not waited else "fail"
 
-    async def fail_ambiguous(self, job: Job) -> Applied:
+    async def fail_ambiguous(self, job: Job) -> Applied[Job]:
         """End an ambiguous job as ``failed`` (``ambiguous_submit``), if still submitting."""
         if job.attempts >= self.settings.max_submit_attempts:
             why = (
@@ -708,8 +719,12 @@ class AsyncJobManager:
         """Raise when the database does not answer."""
         await self.store.aio.run(self.store.ping)
 
-    async def refresh(self, job: Job) -> Job:
-        """Poll one claimed job, apply what was seen, schedule its next poll."""
+    async def refresh(self, job: J, *, replied: Callable[[], None] | None = None) -> J:
+        """Poll one claimed job, apply what was seen, schedule its next poll; the job after,
+        as the same kind of record (a claim's :class:`~jobs.records.PollJob` or a full
+        :class:`Job`). ``replied`` is called once the provider has answered (or failed to),
+        before the answer is written: a poller may use the slot for another job while this
+        one's write waits for its group commit (the lease still holds the job)."""
         provider = self.provider(job.provider)
         started = time.perf_counter()
         try:
@@ -724,6 +739,8 @@ class AsyncJobManager:
                         metrics=observation.metrics if observation.metrics else outcome.metrics,
                     )
         except ProviderError as exc:
+            if replied is not None:
+                replied()
             POLLS.labels(provider.name, "error").inc()
             retry_after = exc.retry_after if isinstance(exc, ProviderUnavailable) else None
             step = self._next_poll(
@@ -740,12 +757,19 @@ class AsyncJobManager:
                 next_poll_at=time.time() + step.delay,
                 poll_interval=step.interval,
             )
-            return await self.store.aio.run(self.store.get, job.id)
+            return job.with_row(await self.store.aio.run(self.store.get, job.id))
+        if replied is not None:
+            replied()
         POLLS.labels(provider.name, "ok").inc()
         POLL_SECONDS.labels(provider.name).observe(time.perf_counter() - started)
-        return (await self.apply(job, observation)).job
+        # The claimed record is what the poll decides from: applied by compare-and-set on
+        # it, without reading the row again (jobs.store.transitions, Polled).
+        applied = await self.writer.write(Polled(job, observation, Backoff(self.poll_policy)))
+        if applied is None:
+            raise JobNotFound(job.id)
+        return self._after_apply(applied).job
 
-    async def apply(self, job: Job, observation: Observation) -> Applied:
+    async def apply(self, job: Job, observation: Observation) -> Applied[Job]:
         """Apply an observation to a job through the store's compare-and-set (batched)."""
         change = Change(observation, job_id=job.id, backoff=Backoff(self.poll_policy))
         applied = await self.writer.write(change)
@@ -774,7 +798,7 @@ class AsyncJobManager:
             rand=random.random(),
         )
 
-    def _after_apply(self, applied: Applied) -> Applied:
+    def _after_apply(self, applied: Applied[J]) -> Applied[J]:
         done = applied.job
         if applied.finished:
             lag = detection_lag(done)
@@ -1124,7 +1148,7 @@ class AsyncJobManager:
         return await self.store.aio.run(self.store.files, job.id)
 
 
-def detection_lag(job: Job) -> float | None:
+def detection_lag(job: PollJob) -> float | None:
     """Seconds from the remote finish to our record of it, when the provider reported its
     run time (``metrics.inference_time``) and we saw the job running: the finish is then the
     start plus that time. We see the start no earlier than it happened, so the figure errs

@@ -11,7 +11,10 @@ interval jobs, never one per remote request:
 
 Concurrency is bounded by claiming only as many jobs as there are free poll slots: a claimed
 job is polled at once, so its lease is never spent waiting in a local queue while another
-replica could have polled it. Polls outlive the tick that started them (a slow reply holds
+replica could have polled it. A slot is a request at the provider: it is free again as soon
+as the reply is in, while the reply's write waits for its group commit (the lease, not the
+slot, protects the job until it is applied; at most ``concurrency`` more polls may be
+waiting on their writes). Polls outlive the tick that started them (a slow reply holds
 one slot, not the tick); every request still goes through the provider's one ``RateGate``
 (the manager holds one provider instance), so a 429 pauses the whole provider, and while it
 is paused the slots stay full and nothing more is claimed. A poll is cancelled once it has
@@ -39,7 +42,7 @@ if TYPE_CHECKING:  # kept out of the import, so `jobs --help` can show the defau
     from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
     from .manager import AsyncJobManager
-    from .records import Job
+    from .records import Job, PollJob
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +93,10 @@ class Poller:
         self.ambiguous_period = ambiguous_period
         self.ambiguous_policy: AmbiguousPolicy = "fail" if policy == "fail" else "resubmit"
         self.stop_timeout = stop_timeout
-        self._polls: set[asyncio.Task[Job | None]] = set()
+        self._polls: set[asyncio.Task[PollJob | None]] = set()
+        # Polls still waiting for the provider's reply: the slots in use. The others in
+        # _polls only wait for their write.
+        self._waiting = 0
         self._runs: set[asyncio.Task[object]] = set()  # ticks and resolver runs in progress
         self._tick_lock = asyncio.Lock()
         # The last claim filled every free slot, so more jobs are probably due: freed slots
@@ -119,7 +125,11 @@ class Poller:
         claimed_total = 0
         async with self._tick_lock:
             while not self._stopping:
-                room = min(self.batch, self.concurrency - len(self._polls))
+                room = min(
+                    self.batch,
+                    self.concurrency - self._waiting,
+                    2 * self.concurrency - len(self._polls),
+                )
                 if room <= 0:
                     break
                 try:
@@ -136,14 +146,31 @@ class Poller:
                     break
         return claimed_total
 
-    def _start_poll(self, job: Job) -> None:
-        task = asyncio.create_task(self.claims.poll(job), name=f"poll {job.id}")
-        self._polls.add(task)
-        task.add_done_callback(self._poll_done)
+    def _start_poll(self, job: PollJob) -> None:
+        released = False
 
-    def _poll_done(self, task: asyncio.Task[Job | None]) -> None:
-        self._polls.discard(task)
-        free = self.concurrency - len(self._polls)
+        def release() -> None:  # once: when the reply is in, or the poll ends without one
+            nonlocal released
+            if not released:
+                released = True
+                self._waiting -= 1
+                self._slot_freed()
+
+        self._waiting += 1
+        task = asyncio.create_task(self.claims.poll(job, replied=release), name=f"poll {job.id}")
+        self._polls.add(task)
+
+        def done(task: asyncio.Task[PollJob | None]) -> None:
+            self._polls.discard(task)
+            if released:
+                self._slot_freed()  # a write ended: the task bound may have held a claim back
+            else:
+                release()
+
+        task.add_done_callback(done)
+
+    def _slot_freed(self) -> None:
+        free = min(self.concurrency - self._waiting, 2 * self.concurrency - len(self._polls))
         if (
             self._backlog
             and not self._stopping

@@ -7,13 +7,12 @@ them.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Generic, Literal, Self, TypeVar
 
 from sqlalchemy import (
     Row,
@@ -63,61 +62,69 @@ def iso(ts: float | None) -> str | None:
 
 
 @dataclass(frozen=True)
-class Job:
-    """One row of the ``jobs`` table."""
+class PollJob:
+    """A job as a poll needs it: what :meth:`Store.claim_due` returns (the columns a status
+    poll, its compare-and-set apply and the backoff decision read, and none of the large
+    JSON ones such as the input), and what a poll or webhook reports back when it applied
+    without reading the row again. A :class:`Job` is a ``PollJob`` with every column."""
 
     id: str
     provider: str
     application: str
-    path: str | None
-    arguments: Any
     request_id: str | None
-    gateway_request_id: str | None
     status_url: str | None
     response_url: str | None
     cancel_url: str | None
     state: State
-    failure_reason: str | None
-    error: Any
-    priority: str | None
-    hint: str | None
-    labels: Any
-    batch: str | None
-    batch_index: int | None
-    idempotency_key: str | None
-    webhook: bool
-    download_files: bool
     queue_position: int | None
     metrics: Any
-    attempts: int
     polls: int
     poll_interval: float | None
     next_poll_at: float | None
     lease_owner: str | None
     lease_expires_at: float | None
-    created_at: float
+    webhook: bool
+    download_files: bool
+    batch_index: int | None
     updated_at: float
-    submitted_at: float | None
     started_at: float | None
     finished_at: float | None
-    last_change_at: float | None
     cancel_requested_at: float | None
-    retry_of: str | None
-    tracked: bool
-    start_timeout: float | None
-    cancel_after: float | None
 
     @classmethod
-    def from_row(cls, row: Row[Any] | Mapping[str, Any]) -> Job:
+    def from_row(cls, row: Row[Any] | Mapping[str, Any]) -> Self:
+        """The record from a result row holding (at least) this record's columns."""
         if isinstance(row, Row):
-            # By position: building a mapping per row cost more than the query (a claim
-            # reads a thousand rows).
-            positions = _job_positions(row._fields)
-            values = [row[i] for i in positions]
-        else:
-            values = [row[name] for name in _JOB_FIELDS]
-        values[_STATE_AT] = State(values[_STATE_AT])
+            return cls.from_rows([row], row._fields)[0]
+        values = [row[name] for name in _fields(cls)]
+        at = _fields(cls).index("state")
+        values[at] = State(values[at])
         return cls(*values)
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[Row[Any]], columns: Sequence[str]) -> list[Self]:
+        """Records from result rows with these ``columns`` (``result.keys()``): by position,
+        looked up once for all of them (a claim reads a thousand rows; a mapping, or the
+        column names, per row cost more than the query)."""
+        positions = _positions(cls, tuple(columns))
+        at = _fields(cls).index("state")
+        made = []
+        for row in rows:
+            values = [row[i] for i in positions]
+            values[at] = _STATES[values[at]]
+            made.append(cls(*values))
+        return made
+
+    def with_row(self, row: Job) -> Self:
+        """This record holding ``row``'s values (the same job, read again): the same kind
+        of record, so a claim's ``PollJob`` stays one and a full :class:`Job` stays full."""
+        names = _fields(Job) if isinstance(self, Job) else _fields(PollJob)
+        return dataclasses.replace(self, **{name: getattr(row, name) for name in names})
+
+    @classmethod
+    def columns(cls) -> tuple[str, ...]:
+        """The ``jobs`` columns this record holds, in field order."""
+        return _fields(cls)
 
     @property
     def safety_net(self) -> bool:
@@ -140,6 +147,30 @@ class Job:
             response_url=self.response_url,
             cancel_url=self.cancel_url,
         )
+
+
+@dataclass(frozen=True)
+class Job(PollJob):
+    """One row of the ``jobs`` table."""
+
+    path: str | None
+    arguments: Any
+    gateway_request_id: str | None
+    failure_reason: str | None
+    error: Any
+    priority: str | None
+    hint: str | None
+    labels: Any
+    batch: str | None
+    idempotency_key: str | None
+    attempts: int
+    created_at: float
+    submitted_at: float | None
+    last_change_at: float | None
+    retry_of: str | None
+    tracked: bool
+    start_timeout: float | None
+    cancel_after: float | None
 
     def to_dict(self) -> dict[str, Any]:
         """The public JSON shape (``jobs status``, ``GET /v1/jobs/{id}``)."""
@@ -177,14 +208,26 @@ class Job:
         }
 
 
-_JOB_FIELDS = tuple(f for f in Job.__dataclass_fields__)
-_STATE_AT = _JOB_FIELDS.index("state")
+_STATES = {state.value: state for state in State}
+# Per record class: its fields in order, where ``state`` is among them, and where each field
+# sits in a result row of given columns (looked up once per shape of result).
+_FIELDS: dict[type[PollJob], tuple[str, ...]] = {}
+_POSITIONS: dict[tuple[type[PollJob], tuple[str, ...]], tuple[int, ...]] = {}
 
 
-@functools.cache
-def _job_positions(columns: tuple[str, ...]) -> tuple[int, ...]:
-    """Where each Job field sits in a result with these columns."""
-    return tuple(columns.index(name) for name in _JOB_FIELDS)
+def _fields(cls: type[PollJob]) -> tuple[str, ...]:
+    found = _FIELDS.get(cls)
+    if found is None:
+        found = _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return found
+
+
+def _positions(cls: type[PollJob], columns: tuple[str, ...]) -> tuple[int, ...]:
+    key = (cls, columns)
+    found = _POSITIONS.get(key)
+    if found is None:
+        found = _POSITIONS[key] = tuple(columns.index(name) for name in _fields(cls))
+    return found
 
 
 @dataclass(frozen=True)
@@ -260,9 +303,16 @@ class NewJob:
 
 def column_length(name: str, table: Table = jobs) -> int:
     """The ``VARCHAR`` length of ``<table>.<name>`` (jobs/db.py; ``jobs`` by default)."""
-    length = getattr(table.c[name].type, "length", None)
-    assert isinstance(length, int), f"{table.name}.{name} is not a VARCHAR column"
-    return length
+    # Looked up once per column: every webhook checks four ids against their columns.
+    found = _LENGTHS.get((table.name, name))
+    if found is None:
+        length = getattr(table.c[name].type, "length", None)
+        assert isinstance(length, int), f"{table.name}.{name} is not a VARCHAR column"
+        found = _LENGTHS[(table.name, name)] = length
+    return found
+
+
+_LENGTHS: dict[tuple[str, str], int] = {}
 
 
 def check_column_text(name: str, value: str | None) -> None:
@@ -283,11 +333,17 @@ def _check_text(name: str, value: str, limit: int) -> None:
         raise ConfigError(f"{name} is {len(value)} characters long; the most is {limit}")
 
 
-@dataclass(frozen=True)
-class Applied:
-    """What :meth:`Store.apply` did."""
+J = TypeVar("J", bound=PollJob)
+J_co = TypeVar("J_co", bound=PollJob, covariant=True)
 
-    job: Job
+
+@dataclass(frozen=True)
+class Applied(Generic[J_co]):
+    """What applying an observation did: the job after it (a :class:`Job` when the apply
+    read the row, the record it was given updated with the values written when it did not
+    need to: a poll or webhook fast path), the state before, whether the state moved."""
+
+    job: J_co
     previous: State
     changed: bool  # the state moved
 
@@ -298,7 +354,7 @@ class Applied:
 
 @dataclass(frozen=True)
 class Claimed:
-    job: Job
+    job: PollJob
     took_over: bool  # the lease belonged to another (presumably dead) owner
 
 
@@ -474,6 +530,6 @@ class Delivered:
     """What a webhook did: ``applied`` when it reached a job; otherwise ``refused`` says why
     not (``unknown``, ``foreign``, ``unverified``, ``duplicate_request``)."""
 
-    applied: Applied | None = None
+    applied: Applied[PollJob] | None = None
     refused: str | None = None
     duplicate: DuplicateRequest | None = None

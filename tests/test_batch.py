@@ -121,6 +121,32 @@ async def test_a_rerun_submits_nothing(jm: AsyncJobManager, fal: FakeFalServer) 
     assert len(jm.store.batch_jobs("again")) == 20
 
 
+async def test_a_batch_has_at_most_concurrency_submits_at_the_provider(
+    jm: AsyncJobManager, fal: FakeFalServer
+) -> None:
+    """``--concurrency`` bounds the submits on the wire; the senders (more of them, so
+    their writes overlap other submits) never exceed it."""
+    fal.config.latency = 0.05
+    provider = jm.provider("fal")
+    sending = most = 0
+    submit = provider.submit
+
+    async def counted(request: Any) -> Any:
+        nonlocal sending, most
+        sending += 1
+        most = max(most, sending)
+        try:
+            return await submit(request)
+        finally:
+            sending -= 1
+
+    provider.submit = counted  # type: ignore[method-assign]
+    report = await submit_batch(jm, APP, _lines(40), batch="wire", concurrency=4)
+    assert report.ok and report.counts == {"submitted": 40}
+    assert 1 <= most <= 4
+    assert fal.fake.stats.submits == 40
+
+
 async def test_a_rerun_after_a_partial_run_sends_only_the_rest(
     jm: AsyncJobManager, fal: FakeFalServer
 ) -> None:

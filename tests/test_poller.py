@@ -1,11 +1,13 @@
 """The poller against the fal emulator, in-process: jobs finish with few polls, a 429 storm
 pauses the provider instead of each job, faults and bugs never stop the tick, ambiguous
-submits are decided (and recorded) by policy, a dead owner's leases are taken over, and stop
-is bounded and hands the leases back."""
+submits are decided (and recorded) by policy, a dead owner's leases are taken over, a poll's
+slot is free once the provider replied (bounded while writes wait), and stop is bounded and
+hands the leases back."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -23,7 +25,7 @@ from jobs.poller import Poller
 from jobs.providers.base import Observation, RemoteRef
 from jobs.providers.fal import FalProvider
 from jobs.providers.http import make_client
-from jobs.store import Callback, Claimed, Job, NewJob, Store
+from jobs.store import Callback, Claimed, Job, NewJob, Polled, Store
 from jobs.testing import FakeFalConfig, FakeFalServer, input_hash
 
 pytestmark = pytest.mark.timeout(60)
@@ -344,6 +346,52 @@ async def test_stop_lets_polls_finish_then_hands_the_leases_back(
         after = await manager.status(job.id)
         assert after.lease_owner is None
         assert after.next_poll_at is not None and after.next_poll_at <= time.time()
+
+
+class HeldStore(Store):
+    """A database whose poll writes wait until ``release`` is set (a slow group commit)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.release = threading.Event()
+
+    def write_many(self, writes: Any, *, now: float | None = None) -> list[Any]:
+        if any(isinstance(write, Polled) for write in writes):
+            self.release.wait(20)
+        return super().write_many(writes, now=now)
+
+
+async def test_a_poll_frees_its_slot_when_the_reply_is_in(
+    sqlite_migrated_url: str, fal: FakeFalServer
+) -> None:
+    """While replies wait for their write, the poller claims and polls more jobs, up to
+    ``concurrency`` more than its slots; the waiting ones keep their leases."""
+    store = HeldStore.open(sqlite_migrated_url)
+    manager = AsyncJobManager(
+        _settings(sqlite_migrated_url, fal.url), store=store, poll_policy=POLICY
+    )
+    try:
+        jobs = [await manager.submit(APP, {"n": i, "_fake": {"duration": 60}}) for i in range(6)]
+        await asyncio.sleep(POLICY.initial * 1.5)  # all due
+        poller = Poller(manager, tick=60, concurrency=2)
+        assert await poller.tick() == 2
+        # Both replies come in, their writes wait: the freed slots are refilled at once.
+        await async_wait_for(_true(lambda: poller.in_flight == 4), 10, "4 polls")
+        assert await poller.tick() == 0  # writes waiting for as many polls as there are slots
+        held = {j.id for j in jobs if (await manager.status(j.id)).lease_owner == manager.owner}
+        assert len(held) == 4
+        store.release.set()
+
+        async def all_polled() -> bool:
+            found = [await manager.status(j.id) for j in jobs]
+            return all(j.polls >= 1 and j.lease_owner is None for j in found)
+
+        await async_wait_for(all_polled, 20, "every job polled once")  # the backlog goes on
+        await poller.stop()
+    finally:
+        store.release.set()
+        await manager.aclose()
+        store.close()
 
 
 def _true(check: Any) -> Any:

@@ -90,7 +90,8 @@ async def test_without_webhooks_a_30s_prediction_costs_a_few_gets(
                 manager.owner, limit=10, lease_seconds=60, now=job.next_poll_at
             )
             assert [c.job.id for c in claimed] == [job.id]
-            job = await manager.refresh(claimed[0].job)
+            await manager.refresh(claimed[0].job)
+            job = manager.store.get(job.id)
             if job.terminal:
                 break
         assert job.state is State.SUCCEEDED

@@ -49,7 +49,8 @@ async def _poll_when_due(manager: AsyncJobManager, server: FakeReplicateServer, 
         manager.owner, limit=100, lease_seconds=LEASE, now=job.next_poll_at
     )
     assert [c.job.id for c in claimed] == [job.id], "the job was not due when scheduled"
-    return await manager.refresh(claimed[0].job)
+    await manager.refresh(claimed[0].job)
+    return manager.store.get(job.id)
 
 
 async def _lost_webhook_job(

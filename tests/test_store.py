@@ -1,5 +1,6 @@
 """The store contract, on SQLite and PostgreSQL: creation, idempotency, compare-and-set
-transitions (stale, duplicated, out-of-order and concurrent observations), claims and leases."""
+transitions (stale, duplicated, out-of-order and concurrent observations), claims and leases,
+and the group fast paths of polls and webhooks (a group decides as its writes one by one)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,15 @@ import dataclasses
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
+from jobs.backoff import Backoff, PollPolicy
 from jobs.errors import JobNotFound
 from jobs.providers.base import Observation, RemoteRef, Submitted
 from jobs.states import FailureReason, State
-from jobs.store import Callback, Job, NewJob, Store
+from jobs.store import Callback, Delivered, Job, NewJob, Polled, PollJob, Store
 
 
 @pytest.fixture
@@ -303,3 +306,174 @@ def test_a_message_that_must_come_again_is_not_remembered(store: Store) -> None:
     assert deferred.refused == "unverified"
     [applied] = store.write_many([dataclasses.replace(callback, account="u-9")])
     assert applied.applied is not None and applied.applied.job.state is State.SUCCEEDED
+
+
+# --- group fast paths -------------------------------------------------------------------------
+
+
+def test_a_claim_returns_what_a_poll_needs_and_nothing_large(store: Store) -> None:
+    job = _queued(store, "slim", labels={"k": "v"}, batch="b", batch_index=7)
+    [claimed] = store.claim_due("A", limit=10, lease_seconds=30, now=100.0)
+    assert type(claimed.job) is PollJob
+    # Every field the claim returns is the row's, as a full read sees it.
+    assert claimed.job == claimed.job.with_row(store.get(job.id))
+    assert claimed.job.batch_index == 7 and claimed.job.lease_owner == "A"
+    assert not hasattr(claimed.job, "arguments") and not hasattr(claimed.job, "labels")
+    assert claimed.job.ref() == job.ref()
+
+
+def test_a_group_of_polls_applies_to_the_claimed_rows(store: Store) -> None:
+    """Polls applied together by compare-and-set on the claimed rows: each job ends as a
+    full read then shows it, and the record each poll gets back is that row."""
+    ids = [_queued(store, f"p{i}").id for i in range(4)]
+    claimed = {c.job.id: c.job for c in store.claim_due("A", limit=10, lease_seconds=30, now=10.0)}
+    seen = [
+        Observation(state=State.QUEUED, queue_position=2),  # no change
+        Observation(state=State.IN_PROGRESS),  # started
+        Observation(state=State.SUCCEEDED, result={"n": 3}, metrics={"inference_time": 1.5}),
+        Observation(state=State.QUEUED, queue_position=1),  # moved up the queue
+    ]
+    policy = Backoff(PollPolicy(), rand=0.5)
+    polls = [Polled(claimed[i], obs, policy) for i, obs in zip(ids, seen, strict=True)]
+    outcomes = [o for o in store.write_many(polls, now=20.0) if o is not None]
+    assert len(outcomes) == len(ids)
+    for job_id, outcome in zip(ids, outcomes, strict=True):
+        assert type(outcome.job) is PollJob
+        assert outcome.job == claimed[job_id].with_row(store.get(job_id))
+        assert outcome.job.lease_owner is None
+    same, started, finished, moved_up = (store.get(i) for i in ids)
+    assert not outcomes[0].changed and same.next_poll_at is not None and same.polls == 1
+    assert outcomes[1].changed and started.started_at == 20.0
+    assert outcomes[2].finished and store.result(finished.id) == (True, {"n": 3})
+    assert finished.next_poll_at is None and finished.metrics == {"inference_time": 1.5}
+    assert moved_up.queue_position == 1 and moved_up.last_change_at == 20.0
+    assert same.last_change_at != 20.0  # nothing changed: the backoff slows down
+    assert [(e["from_state"], e["to_state"]) for e in store.events(ids[1])][-1] == (
+        "queued",
+        "in_progress",
+    )
+
+
+def test_a_poll_of_a_row_that_moved_since_its_claim_is_decided_from_the_row(
+    store: Store,
+) -> None:
+    """A cancel asked for between claim and apply makes the job a fresh poll again (no
+    webhook will come): the poll's schedule is decided from the row, not from the claim."""
+    ids = [_queued(store, f"w{i}", webhook=True).id for i in range(3)]
+    claimed = {c.job.id: c.job for c in store.claim_due("A", limit=10, lease_seconds=30, now=10.0)}
+    store.mark_cancel_requested(ids[1], now=11.0)
+    store.apply(ids[2], OK, now=12.0)  # a webhook finished this one meanwhile
+    policy = Backoff(PollPolicy(), rand=0.5)
+    still = Observation(state=State.QUEUED, queue_position=2)
+    outcomes = store.write_many([Polled(claimed[i], still, policy) for i in ids], now=20.0)
+    safety, cancelled, done = (store.get(i) for i in ids)
+    assert safety.next_poll_at is not None and safety.next_poll_at > 20.0 + 300  # safety net
+    assert cancelled.next_poll_at is not None and cancelled.next_poll_at < 20.0 + 60
+    assert done.state is State.SUCCEEDED and outcomes[2] is not None
+    assert not outcomes[2].changed and outcomes[2].job.state is State.SUCCEEDED
+    for job_id, outcome in zip(ids, outcomes, strict=True):
+        assert outcome is not None and outcome.job == claimed[job_id].with_row(store.get(job_id))
+
+
+def _ambiguous(store: Store) -> Job:
+    job, _ = store.create_job(NewJob(application="fal-ai/flux/dev", arguments={}))
+    assert store.begin_submit(job.id, 0)
+    return job
+
+
+def _webhooks(store: Store, p: str) -> list[Callback]:
+    """One of each kind of callback the full path tells apart, about jobs of their own
+    (request ids prefixed ``p``), some twice in a row."""
+    _queued(store, f"{p}-q")
+    running = _queued(store, f"{p}-r")
+    store.apply(running.id, RUNNING)
+    ended = _queued(store, f"{p}-e")
+    store.apply(ended.id, OK)
+    _queued(store, f"{p}-m", provider="replicate")
+    _queued(store, f"{p}-k", provider="replicate")
+    _queued(store, f"{p}-l")
+    _queued(store, f"{p}-n")
+    store.write_many(
+        [
+            Callback(
+                OK, provider="replicate", request_id=f"{p}-k", user_id=None, delivery_id=f"{p}-d"
+            )
+        ]
+    )
+    adoptable = _ambiguous(store)
+    failed = Observation(
+        state=State.FAILED, error={"message": "boom"}, failure_reason=FailureReason.REMOTE_ERROR
+    )
+    logged = dataclasses.replace(OK, logs=({"message": "done", "timestamp": "t9"},))
+
+    def me(obs: Observation, request_id: str, **more: Any) -> Callback:
+        return Callback(obs, provider="fal", request_id=request_id, user_id="me", **more)
+
+    return [
+        me(OK, f"{p}-q"),
+        me(failed, f"{p}-q"),  # the same request again: too late
+        me(failed, f"{p}-r"),
+        me(OK, f"{p}-e"),  # already ended
+        Callback(OK, request_id=f"{p}-l", provider="fal", user_id="someone else"),
+        me(OK, f"{p}-unknown"),
+        me(OK, f"{p}-adopted", job_id=adoptable.id),
+        Callback(OK, provider="replicate", request_id=f"{p}-m", user_id=None, delivery_id=f"{p}-x"),
+        Callback(OK, provider="replicate", request_id=f"{p}-m", user_id=None, delivery_id=f"{p}-x"),
+        Callback(OK, provider="replicate", request_id=f"{p}-k", user_id=None, delivery_id=f"{p}-d"),
+        me(RUNNING, f"{p}-n"),  # not terminal: the full path
+        me(logged, f"{p}-n", account="me"),
+    ]
+
+
+def _summary(store: Store, delivered: Delivered) -> tuple[Any, ...]:
+    applied = delivered.applied
+    if applied is None:
+        return (delivered.refused, delivered.duplicate is not None)
+    job = store.get(applied.job.id)
+    events = [
+        (e["kind"], e["from_state"], e["to_state"], e["reason"]) for e in store.events(job.id)
+    ]
+    return (
+        delivered.refused,
+        applied.changed,
+        applied.previous,
+        applied.job.state,
+        applied.job == applied.job.with_row(job),
+        job.state,
+        job.failure_reason,
+        job.error,
+        job.next_poll_at is None,
+        store.result(job.id),
+        [e for _, e in store.logs(job.id)],
+        events[1:],
+    )
+
+
+def test_a_group_of_webhooks_decides_as_they_would_one_by_one(store: Store) -> None:
+    """Refusals, duplicates (a request or a message twice in one group), adoption,
+    learning nothing, logs: the group's answers and what it leaves in the database are
+    those of the same callbacks sent one at a time."""
+    _queued(store, "learn")
+    store.write_many([Callback(RUNNING, provider="fal", request_id="learn", user_id="me")])
+    assert store.account("fal") == "me"
+    group, single = _webhooks(store, "g"), _webhooks(store, "s")
+    together = store.write_many(group, now=50.0)
+    apart = [store.write_many([callback], now=50.0)[0] for callback in single]
+    assert [_summary(store, d) for d in together] == [_summary(store, d) for d in apart]
+    outcomes = [
+        d.refused or ("applied" if d.applied and d.applied.changed else "same") for d in apart
+    ]
+    assert outcomes == [
+        "applied",
+        "same",
+        "applied",
+        "same",
+        "foreign",
+        "unknown",
+        "applied",
+        "applied",
+        "duplicate",
+        "duplicate",
+        "applied",
+        "applied",
+    ]

@@ -530,7 +530,6 @@ class FalProvider:
         method: str,
         url: str,
         *,
-        params: Mapping[str, str] | None = None,
         final: Callable[[httpx.Response], bool] = lambda r: False,
     ) -> httpx.Response:
         """An idempotent request (:func:`jobs.providers.http.send_repeatable`)."""
@@ -543,7 +542,6 @@ class FalProvider:
             retry=self._retry,
             gate=self.gate,
             sleep=self._sleep,
-            params=params,
             final=final,
         )
 
@@ -557,7 +555,9 @@ class FalProvider:
     async def status(self, ref: RemoteRef, *, logs: bool = True) -> Observation:
         url = ref.status_url or self.ref_for(ref.application, ref.request_id).status_url
         assert url is not None
-        response = await self._send("GET", url, params={"logs": "1" if logs else "0"})
+        # A ready URL: a params= merge makes httpx parse and copy the URL again on every poll.
+        url += ("&" if "?" in url else "?") + ("logs=1" if logs else "logs=0")
+        response = await self._send("GET", url)
         if response.status_code == 404:
             return observation_from_result(response)
         if response.status_code in (401, 403):

@@ -29,6 +29,7 @@ from ..records import (
     NewJob,
     NewUpload,
     Overview,
+    PollJob,
     UploadRecord,
     check_column_text,
     column_length,
@@ -44,6 +45,7 @@ from .transitions import (
     Callback,
     Change,
     MarkSubmitted,
+    Polled,
     Write,
 )
 
@@ -71,6 +73,8 @@ __all__ = [
     "NewJob",
     "NewUpload",
     "Overview",
+    "PollJob",
+    "Polled",
     "Store",
     "UploadRecord",
     "Write",

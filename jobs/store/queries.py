@@ -49,6 +49,7 @@ from ..records import (
     Job,
     NewJob,
     Overview,
+    PollJob,
     _storable,
     column_length,
     is_id_prefix,
@@ -60,6 +61,7 @@ from ..states import ACTIVE, FailureReason, State
 from .files import FileQueries
 from .transactions import T, _chunks
 from .transitions import (
+    _POLL_COLUMNS,
     BeginSubmit,
     Change,
     MarkSubmitted,
@@ -68,6 +70,8 @@ from .transitions import (
     _attempt_over,
     _event,
     _get,
+    _Moved,
+    run_writes,
 )
 
 
@@ -163,9 +167,9 @@ def _failures(conn: Connection, *, batch: str | None) -> dict[str, int]:
     return {str(reason or "unknown"): n for reason, n in conn.execute(query)}
 
 
-def _claimed(row: Row[Any], previous_owner: str | None, owner: str) -> Claimed:
+def _claimed(job: PollJob, previous_owner: str | None, owner: str) -> Claimed:
     return Claimed(
-        job=Job.from_row(row),
+        job=job,
         took_over=previous_owner is not None and previous_owner != owner,
     )
 
@@ -363,7 +367,7 @@ class Store(FileQueries):
         *,
         only_from: Sequence[State] = tuple(ACTIVE),
         now: float | None = None,
-    ) -> Applied:
+    ) -> Applied[Job]:
         """End a job as ``failed`` for a reason of our own (not an observation)."""
         obs = Observation(state=State.FAILED, error=error, failure_reason=reason, source="local")
         return self.apply(job_id, obs, only_from=only_from, now=now)
@@ -380,7 +384,7 @@ class Store(FileQueries):
         only_from: Sequence[State] | None = None,
         backoff: Backoff | None = None,
         now: float | None = None,
-    ) -> Applied:
+    ) -> Applied[Job]:
         """The one place observations change jobs (polls, webhooks, submits, results).
 
         ``next_poll_at``/``poll_interval``, or ``backoff`` (decided on the current row), say when an
@@ -401,7 +405,7 @@ class Store(FileQueries):
 
     def apply_many(
         self, changes: Sequence[Change], *, now: float | None = None
-    ) -> list[Applied | None]:
+    ) -> list[Applied[Job] | None]:
         """Apply several changes in one transaction; None for a change whose job is unknown."""
         return self.write_many(changes, now=now)
 
@@ -409,7 +413,12 @@ class Store(FileQueries):
         """Run several writes in one transaction (group commit). Raises if any fails: the
         caller may retry them one by one."""
         now = time.time() if now is None else now
-        return self._tx(lambda conn: [write.run(conn, now) for write in writes])
+        try:
+            return self._tx(partial(run_writes, writes=writes, now=now, fast=True))
+        except _Moved:
+            # A row changed under a group fast path (another process): the full path reads
+            # every row it needs and decides again.
+            return self._tx(partial(run_writes, writes=writes, now=now, fast=False))
 
     # --- polling: claims and leases -------------------------------------------------------
 
@@ -424,7 +433,9 @@ class Store(FileQueries):
     ) -> list[Claimed]:
         """Take up to ``limit`` due jobs for ``owner`` (only of ``batch`` when given: ``jobs
         wait --batch``). The claim pushes ``next_poll_at`` to the lease's end, so a job whose
-        poller dies becomes due again by itself."""
+        poller dies becomes due again by itself. Each job comes back as a
+        :class:`~jobs.records.PollJob`: the columns a poll reads, not the whole row (a
+        thousand rows' inputs and labels cost more to decode than the claim itself)."""
         now = time.time() if now is None else now
         until = now + lease_seconds
         lease = {
@@ -450,10 +461,14 @@ class Store(FileQueries):
             if not picked:
                 return []
             previous = {r.id: r.lease_owner for r in picked}
-            rows = conn.execute(
-                update(jobs).where(jobs.c.id.in_(previous)).values(**lease).returning(*jobs.c)
-            ).all()
-            return [_claimed(row, previous[row.id], owner) for row in rows]
+            result = conn.execute(
+                update(jobs)
+                .where(jobs.c.id.in_(previous))
+                .values(**lease)
+                .returning(*_POLL_COLUMNS)
+            )
+            claimed = PollJob.from_rows(result.all(), list(result.keys()))
+            return [_claimed(job, previous[job.id], owner) for job in claimed]
 
         def tx_postgres(conn: Connection) -> list[Claimed]:
             picked = (
@@ -464,13 +479,17 @@ class Store(FileQueries):
                 .with_for_update(skip_locked=True)
                 .cte("picked")
             )
-            rows = conn.execute(
+            result = conn.execute(
                 update(jobs)
                 .where(jobs.c.id == picked.c.id)
                 .values(**lease)
-                .returning(*jobs.c, picked.c.prev_owner)
-            ).all()
-            return [_claimed(row, row.prev_owner, owner) for row in rows]
+                .returning(*_POLL_COLUMNS, picked.c.prev_owner)
+            )
+            rows = result.all()
+            claimed = PollJob.from_rows(rows, list(result.keys()))
+            return [
+                _claimed(job, row.prev_owner, owner) for job, row in zip(claimed, rows, strict=True)
+            ]
 
         return self._tx(tx_sqlite if self.sqlite else tx_postgres)
 

@@ -11,12 +11,14 @@ sees it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from sqlalchemy import (
+    Double,
     bindparam,
     exists,
     insert,
@@ -39,9 +41,9 @@ from ..db import (
 )
 from ..errors import JobNotFound
 from ..providers.base import Observation, Submitted
-from ..records import Applied, Delivered, DuplicateRequest, Job, column_length
-from ..states import State, can_transition
-from .transactions import _PENDING, DB_RETRIES, _defer_insert
+from ..records import Applied, Delivered, DuplicateRequest, J, Job, PollJob, column_length
+from ..states import State, can_transition, sources_for
+from .transactions import _PENDING, DB_RETRIES, _chunks, _defer_insert
 
 T_co = TypeVar("T_co", covariant=True)
 
@@ -151,8 +153,29 @@ class Change:
     def __post_init__(self) -> None:
         _check_ids((("request_id", self.request_id, "request_id"),))
 
-    def run(self, conn: Connection, now: float) -> Applied | None:
+    def run(self, conn: Connection, now: float) -> Applied[Job] | None:
         return _apply_one(conn, self, now)
+
+
+@dataclass(frozen=True)
+class Polled(Generic[J]):
+    """What a poll of a claimed job saw, to apply to it. ``job`` is the record the claim
+    returned: in a group (:func:`run_writes`) the change is a compare-and-set on exactly
+    the columns its decision read from it (state, queue position, poll interval, start,
+    webhook and cancel request), with no read of the row; only a row that moved since the
+    claim is read and decided again (:meth:`run`, the full path). Either way the job after
+    the change comes back as the same kind of record."""
+
+    job: J
+    obs: Observation
+    backoff: Backoff
+
+    def run(self, conn: Connection, now: float) -> Applied[J] | None:
+        change = Change(self.obs, job_id=self.job.id, backoff=self.backoff)
+        applied = _apply_one(conn, change, now)
+        if applied is None:
+            return None
+        return Applied(self.job.with_row(applied.job), applied.previous, applied.changed)
 
 
 def _check_ids(ids: Sequence[tuple[str, str | None, str]]) -> None:
@@ -273,7 +296,7 @@ class Callback:
         duplicate = DuplicateRequest(job=job, request_id=self.request_id, active=active)
         return Delivered(refused="duplicate_request", duplicate=duplicate)
 
-    def _apply(self, conn: Connection, job_id: str, now: float) -> Applied | None:
+    def _apply(self, conn: Connection, job_id: str, now: float) -> Applied[Job] | None:
         return _apply_one(conn, Change(self.obs, job_id=job_id, backoff=self.backoff), now)
 
 
@@ -303,7 +326,7 @@ _INSERT_EVENT = insert(job_events)
 _INSERT_RESULT = insert(results)
 
 
-def _apply_one(conn: Connection, change: Change, now: float) -> Applied | None:
+def _apply_one(conn: Connection, change: Change, now: float) -> Applied[Job] | None:
     current = _find(conn, change, now)
     if current is None:
         return None
@@ -337,19 +360,7 @@ def _apply_one(conn: Connection, change: Change, now: float) -> Applied | None:
     else:
         raise RuntimeError(f"job {current.id} kept changing under us; giving up this apply")
     changed = obs.state is not current.state
-    if changed:
-        _event(
-            conn,
-            current.id,
-            now,
-            "state",
-            from_state=current.state,
-            to_state=obs.state,
-            reason=obs.failure_reason.value if obs.failure_reason else obs.source,
-            detail={"error": dict(obs.error)} if obs.error else None,
-        )
-    if obs.state is State.SUCCEEDED:
-        _store_result(conn, current.id, obs.result, now)
+    _record_change(conn, current.id, current.state, obs, now, changed)
     if obs.logs:
         _append_logs(conn, current.id, obs.logs, now)
     return Applied(job=after, previous=current.state, changed=changed)
@@ -478,7 +489,7 @@ def _event(
 
 
 def _values_for(
-    current: Job,
+    current: PollJob,
     obs: Observation,
     now: float,
     next_poll_at: float | None,
@@ -528,19 +539,300 @@ def _append_logs(
     stored = conn.execute(
         select(job_logs.c.seq, job_logs.c.entry).where(job_logs.c.job_id == job_id)
     ).all()
-    seen = {_log_key(r.entry) for r in stored}
-    seq = max((r.seq for r in stored), default=0)
-    fresh = []
-    for entry in entries:
-        key = _log_key(entry)
-        if key in seen:
-            continue
-        seen.add(key)
-        seq += 1
-        fresh.append({"job_id": job_id, "seq": seq, "at": now, "entry": dict(entry)})
+    fresh = list(_fresh_logs(job_id, stored, entries, now))
     if fresh:
         conn.execute(insert(job_logs), fresh)
 
 
 def _log_key(entry: Mapping[str, Any]) -> tuple[str, str]:
     return (str(entry.get("timestamp")), str(entry.get("message")))
+
+
+# --- group fast paths: many polls or webhooks in a few statements --------------------------
+#
+# A group commit (jobs.writer) hands the store hundreds of polls and webhooks at once. On the
+# full path each one reads its whole row (every column, four of them JSON), updates it
+# RETURNING every column and builds two Job records: most of the time a group spent. Here a
+# group's polls are one executemany compare-and-set on the claimed rows (no read), its
+# webhooks one narrow read of their rows and one executemany compare-and-set; a row that
+# moved meanwhile (the count says so) or a case the fast path does not cover takes the full
+# path, so every rule of the full path still decides.
+
+
+class _Moved(Exception):
+    """A group compare-and-set changed fewer rows than it was given: some row moved since it
+    was claimed or read (another process), and a count cannot say which. The transaction is
+    rolled back and the group run again on the full path (:func:`run_writes`)."""
+
+
+_FULL = object()  # a write's outcome slot before it is known: the full path runs it
+
+# The poll compare-and-set: the claimed row, unchanged in every column the decision read.
+_POLL_CAS = update(jobs).where(
+    jobs.c.id == bindparam("b_id"),
+    jobs.c.state == bindparam("b_state"),
+    jobs.c.webhook == bindparam("b_webhook"),
+    jobs.c.queue_position.is_not_distinct_from(
+        bindparam("b_queue_position", type_=jobs.c.queue_position.type)
+    ),
+    jobs.c.poll_interval.is_not_distinct_from(bindparam("b_poll_interval", type_=Double())),
+    jobs.c.started_at.is_not_distinct_from(bindparam("b_started_at", type_=Double())),
+    jobs.c.cancel_requested_at.is_not_distinct_from(
+        bindparam("b_cancel_requested_at", type_=Double())
+    ),
+)
+# The webhook compare-and-set: the row as the group's read saw it (its state).
+_UPDATE_IF_STATE_PLAIN = update(jobs).where(
+    jobs.c.id == bindparam("b_id"), jobs.c.state == bindparam("b_state")
+)
+_POLL_COLUMNS = [jobs.c[name] for name in PollJob.columns()]
+
+
+def run_writes(
+    conn: Connection, writes: Sequence[Write[Any]], now: float, *, fast: bool
+) -> list[Any]:
+    """Run a group's writes in ``conn``'s transaction; outcomes in the order given. With
+    ``fast``, its polls and webhooks go through the group fast paths first (the others, and
+    those the fast paths leave, one by one in order). Raises :class:`_Moved` when a fast
+    path finds a row moved; the caller runs the group again with ``fast=False``.
+
+    The writes of one group come from concurrent callers (each caller awaits its write), so
+    applying the fast ones first is one valid order of concurrent events; a second write
+    about the same job or webhook message in one group always takes the full path, after
+    the first."""
+    outcomes: list[Any] = [_FULL] * len(writes)
+    if fast:
+        polls = [(n, w) for n, w in enumerate(writes) if isinstance(w, Polled)]
+        if polls:
+            done = _apply_polls(conn, [w for _, w in polls], now)
+            for (n, _), outcome in zip(polls, done, strict=True):
+                outcomes[n] = outcome
+        callbacks = [(n, w) for n, w in enumerate(writes) if isinstance(w, Callback)]
+        if callbacks:
+            done = _deliver_many(conn, [w for _, w in callbacks], now)
+            for (n, _), outcome in zip(callbacks, done, strict=True):
+                outcomes[n] = outcome
+    for n, write in enumerate(writes):
+        if outcomes[n] is _FULL:
+            outcomes[n] = write.run(conn, now)
+    return outcomes
+
+
+def _execute_cas(
+    conn: Connection, statement: Any, batches: Mapping[Any, list[dict[str, Any]]]
+) -> None:
+    """One executemany per set of columns written; :class:`_Moved` unless every row
+    matched (psycopg sends an executemany as one pipeline: one round trip)."""
+    for rows in batches.values():
+        if conn.execute(statement, rows).rowcount != len(rows):
+            raise _Moved
+
+
+def _apply_polls(conn: Connection, polls: Sequence[Polled[Any]], now: float) -> list[Any]:
+    outcomes: list[Any] = [_FULL] * len(polls)
+    batches: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    planned: list[tuple[int, dict[str, Any], bool]] = []
+    ids: set[str] = set()
+    for n, poll in enumerate(polls):
+        seen, obs = poll.job, poll.obs
+        if seen.id in ids or not can_transition(seen.state, obs.state):
+            continue  # the full path reads the row and decides (a stale or refused move)
+        ids.add(seen.id)
+        changed = obs.state is not seen.state or obs.queue_position != seen.queue_position
+        next_poll_at, poll_interval = poll.backoff.after(
+            previous=seen.poll_interval,
+            changed=changed,
+            webhook=seen.safety_net,
+            needs_result=obs.needs_result,
+            now=now,
+        )
+        values = _values_for(seen, obs, now, next_poll_at, poll_interval)
+        guard = {
+            "b_id": seen.id,
+            "b_state": seen.state.value,
+            "b_webhook": seen.webhook,
+            "b_queue_position": seen.queue_position,
+            "b_poll_interval": seen.poll_interval,
+            "b_started_at": seen.started_at,
+            "b_cancel_requested_at": seen.cancel_requested_at,
+        }
+        batches.setdefault(tuple(values), []).append({**values, **guard})
+        planned.append((n, values, obs.state is not seen.state))
+    _execute_cas(conn, _POLL_CAS, batches)
+    logs: dict[str, Sequence[Mapping[str, Any]]] = {}
+    for n, values, moved in planned:
+        seen, obs = polls[n].job, polls[n].obs
+        _record_change(conn, seen.id, seen.state, obs, now, moved)
+        if obs.logs:
+            logs[seen.id] = obs.logs
+        outcomes[n] = Applied(_after(seen, obs, values), seen.state, moved)
+    _append_logs_many(conn, logs, now)
+    return outcomes
+
+
+def _deliver_many(conn: Connection, callbacks: Sequence[Callback], now: float) -> list[Any]:
+    """The webhooks of a group that :meth:`Callback.run` would apply straight away: a
+    terminal observation, the account known and matching (or proven by the signature), a
+    message id not seen before, the request's job found and active. Everything else (an
+    unknown account, adoption by job id, a duplicate, a refusal) takes the full path."""
+    outcomes: list[Any] = [_FULL] * len(callbacks)
+    stored: dict[str, str | None] = {}
+    seen: set[tuple[str, str]] = set()
+    chosen: list[int] = []
+    for n, cb in enumerate(callbacks):
+        keys = [("request", cb.provider + "\x00" + cb.request_id)]
+        if cb.delivery_id is not None:
+            keys.append(("delivery", cb.provider + "\x00" + cb.delivery_id))
+        repeat = any(key in seen for key in keys)
+        seen.update(keys)
+        if repeat or not cb.obs.state.terminal:
+            continue
+        if cb.user_id is not None:
+            if cb.account is None and cb.provider not in stored:
+                stored[cb.provider] = _account(conn, cb.provider)
+            if (cb.account or stored.get(cb.provider)) != cb.user_id:
+                continue  # unknown (to learn) or another account: the full path says which
+        chosen.append(n)
+    if not chosen:
+        return outcomes
+    # A message id seen before: the full path answers duplicate.
+    known = _known_deliveries(conn, [callbacks[n] for n in chosen])
+    chosen = [n for n in chosen if (callbacks[n].provider, callbacks[n].delivery_id) not in known]
+    rows = _rows_by_request(conn, [callbacks[n] for n in chosen])
+    batches: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    planned: list[tuple[int, PollJob, dict[str, Any]]] = []
+    for n in chosen:
+        cb = callbacks[n]
+        current = rows.get((cb.provider, cb.request_id))
+        if current is None or current.state not in sources_for(cb.obs.state):
+            continue  # adoption, unknown, or already ended: the full path decides
+        values = _values_for(current, cb.obs, now, None, None)
+        batches.setdefault(tuple(values), []).append(
+            {**values, "b_id": current.id, "b_state": current.state.value}
+        )
+        planned.append((n, current, values))
+    _execute_cas(conn, _UPDATE_IF_STATE_PLAIN, batches)
+    logs: dict[str, Sequence[Mapping[str, Any]]] = {}
+    deliveries: list[dict[str, Any]] = []
+    for n, current, values in planned:
+        cb = callbacks[n]
+        _record_change(conn, current.id, current.state, cb.obs, now, True)
+        if cb.obs.logs:
+            logs[current.id] = cb.obs.logs
+        if cb.delivery_id is not None:
+            deliveries.append(
+                {"provider": cb.provider, "delivery_id": cb.delivery_id, "received_at": now}
+            )
+        after = _after(current, cb.obs, values)
+        outcomes[n] = Delivered(applied=Applied(after, current.state, True))
+    _append_logs_many(conn, logs, now)
+    if deliveries:
+        dialect = sqlite if conn.dialect.name == "sqlite" else postgresql
+        conn.execute(dialect.insert(webhook_deliveries).on_conflict_do_nothing(), deliveries)
+    return outcomes
+
+
+def _known_deliveries(
+    conn: Connection, callbacks: Sequence[Callback]
+) -> set[tuple[str, str | None]]:
+    """The (provider, message id) pairs among ``callbacks`` already remembered."""
+    wanted: dict[str, list[str]] = {}
+    for cb in callbacks:
+        if cb.delivery_id is not None:
+            wanted.setdefault(cb.provider, []).append(cb.delivery_id)
+    known: set[tuple[str, str | None]] = set()
+    for provider, ids in wanted.items():
+        for chunk in _chunks(ids):
+            found = conn.execute(
+                select(webhook_deliveries.c.delivery_id).where(
+                    webhook_deliveries.c.provider == provider,
+                    webhook_deliveries.c.delivery_id.in_(chunk),
+                )
+            ).scalars()
+            known.update((provider, delivery_id) for delivery_id in found)
+    return known
+
+
+def _rows_by_request(
+    conn: Connection, callbacks: Sequence[Callback]
+) -> dict[tuple[str, str], PollJob]:
+    """The poll columns of the jobs these callbacks name, by (provider, request id): one
+    read for the group, never the large JSON columns."""
+    wanted: dict[str, list[str]] = {}
+    for cb in callbacks:
+        wanted.setdefault(cb.provider, []).append(cb.request_id)
+    found: dict[tuple[str, str], PollJob] = {}
+    for provider, request_ids in wanted.items():
+        for chunk in _chunks(request_ids):
+            result = conn.execute(
+                select(*_POLL_COLUMNS).where(
+                    jobs.c.provider == provider, jobs.c.request_id.in_(chunk)
+                )
+            )
+            for job in PollJob.from_rows(result.all(), list(result.keys())):
+                assert job.request_id is not None
+                found[(provider, job.request_id)] = job
+    return found
+
+
+def _record_change(
+    conn: Connection, job_id: str, previous: State, obs: Observation, now: float, moved: bool
+) -> None:
+    """What an applied observation leaves besides the row: as :func:`_apply_one` does."""
+    if moved:
+        _event(
+            conn,
+            job_id,
+            now,
+            "state",
+            from_state=previous,
+            to_state=obs.state,
+            reason=obs.failure_reason.value if obs.failure_reason else obs.source,
+            detail={"error": dict(obs.error)} if obs.error else None,
+        )
+    if obs.state is State.SUCCEEDED:
+        _store_result(conn, job_id, obs.result, now)
+
+
+def _after(job: J, obs: Observation, values: Mapping[str, Any]) -> J:
+    """``job`` with ``values`` written: the row as the compare-and-set left it."""
+    names = type(job).columns()
+    changes = {name: value for name, value in values.items() if name in names}
+    changes["state"] = obs.state
+    return dataclasses.replace(job, **changes)
+
+
+def _append_logs_many(
+    conn: Connection, entries: Mapping[str, Sequence[Mapping[str, Any]]], now: float
+) -> None:
+    """:func:`_append_logs` for several jobs: one read of their stored lines, one insert."""
+    if not entries:
+        return
+    stored: dict[str, list[Any]] = {job_id: [] for job_id in entries}
+    for chunk in _chunks(list(entries)):
+        query = select(job_logs.c.job_id, job_logs.c.seq, job_logs.c.entry).where(
+            job_logs.c.job_id.in_(chunk)
+        )
+        for row in conn.execute(query):
+            stored[row.job_id].append(row)
+    fresh = [
+        row
+        for job_id, lines in entries.items()
+        for row in _fresh_logs(job_id, stored[job_id], lines, now)
+    ]
+    if fresh:
+        conn.execute(insert(job_logs), fresh)
+
+
+def _fresh_logs(
+    job_id: str, stored: Sequence[Any], entries: Sequence[Mapping[str, Any]], now: float
+) -> Iterator[dict[str, Any]]:
+    seen = {_log_key(r.entry) for r in stored}
+    seq = max((r.seq for r in stored), default=0)
+    for entry in entries:
+        key = _log_key(entry)
+        if key in seen:
+            continue
+        seen.add(key)
+        seq += 1
+        yield {"job_id": job_id, "seq": seq, "at": now, "entry": dict(entry)}
