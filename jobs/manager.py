@@ -351,7 +351,12 @@ class AsyncJobManager:
     async def _send_once(
         self, provider: Provider, job: Job, reason: str, wire: asyncio.Semaphore | None = None
     ) -> tuple[Job, ProviderError | None]:
-        """One attempt; the error is returned when the attempt ended ambiguous."""
+        """One attempt; the error is returned when the attempt ended ambiguous.
+
+        The two writes every submit makes (the attempt counted before the request leaves,
+        the request id after) go through the group writer: many concurrent submits share
+        their commits. The rare outcomes (rejected, never sent, ambiguous) are written
+        directly: they are few, and the caller reads the job back at once."""
         if not await self.writer.write(BeginSubmit(job.id, job.attempts, reason)):
             return await self.store.aio.run(self.store.get, job.id), None
         attempt = job.attempts + 1
