@@ -28,9 +28,7 @@ def upgrade() -> None:
         sa.Column("provider", sa.String(length=16), nullable=False),
         sa.Column("delivery_id", sa.String(length=128), nullable=False),
         sa.Column("received_at", sa.Double(), nullable=False),
-        sa.PrimaryKeyConstraint(
-            "provider", "delivery_id", name=op.f("pk_webhook_deliveries")
-        ),
+        sa.PrimaryKeyConstraint("provider", "delivery_id", name=op.f("pk_webhook_deliveries")),
     )
     op.create_index(
         op.f("ix_webhook_deliveries_received_at"), "webhook_deliveries", ["received_at"]
