@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from support.recording import RecordingFakeFal, recording_server
-from support.serve import JOBS, ServeProcess, jobs_env, run_cli
+from support.serve import Processes, ServeProcess, jobs_env, run_cli
 from support.waiting import wait_for
 
 from jobs.states import State
@@ -57,29 +57,6 @@ def _input(rng: random.Random, name: str) -> dict[str, Any]:
     if rng.random() < 0.05:
         fake["fail"] = 422
     return {"prompt": name, "_fake": fake}
-
-
-class Processes:
-    """Every subprocess the test starts, so each one is killed at the end whatever happens."""
-
-    def __init__(self) -> None:
-        self._all: list[subprocess.Popen[bytes]] = []
-        self._lock = threading.Lock()
-
-    def start(self, args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(
-                [*JOBS, *args], env=env, stdout=out, stderr=out, start_new_session=True
-            )
-        with self._lock:
-            self._all.append(proc)
-        return proc
-
-    def kill_all(self) -> None:
-        for proc in self._all:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
 
 
 def _run_singles(

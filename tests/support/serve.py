@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
@@ -142,3 +143,26 @@ class ServeProcess:
         tb: TracebackType | None,
     ) -> None:
         self.kill()
+
+
+class Processes:
+    """Every subprocess the test starts, so each one is killed at the end whatever happens."""
+
+    def __init__(self) -> None:
+        self._all: list[subprocess.Popen[bytes]] = []
+        self._lock = threading.Lock()
+
+    def start(self, args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                [*JOBS, *args], env=env, stdout=out, stderr=out, start_new_session=True
+            )
+        with self._lock:
+            self._all.append(proc)
+        return proc
+
+    def kill_all(self) -> None:
+        for proc in self._all:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
