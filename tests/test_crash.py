@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from support.recording import RecordingFakeFal, recording_server
-from support.serve import Processes, ServeProcess, jobs_env, run_cli
+from support.serve import CRASH_SERVE_ARGS, Processes, ServeProcess, jobs_env, run_cli
 from support.waiting import wait_for
 
 from jobs.states import State
@@ -38,18 +38,6 @@ LIFETIME = (1.0, 5.0)  # seconds each killed `jobs serve` runs once ready (unifo
 # A kill this soon after a result fetch may have beaten its commit (measured: p95 0.23 s,
 # max 0.37 s from fetch to commit under this test's load).
 COMMIT_WINDOW = 2.0
-SERVE_ARGS = (
-    "--tick",
-    "0.1",
-    "--lease",
-    "3",
-    "--ambiguous-grace",
-    "3",
-    "--ambiguous-period",
-    "1",
-    "--stop-timeout",
-    "2",
-)
 
 
 def _input(rng: random.Random, name: str) -> dict[str, Any]:
@@ -113,7 +101,7 @@ def test_kill_storm(tmp_path: Path) -> None:
     errors: list[str] = []
 
     def new_serve() -> ServeProcess:
-        serve = ServeProcess(env, tmp_path / f"serve-{len(serves)}.log", *SERVE_ARGS)
+        serve = ServeProcess(env, tmp_path / f"serve-{len(serves)}.log", *CRASH_SERVE_ARGS)
         serves.append(serve)
         return serve.start()
 

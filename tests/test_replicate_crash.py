@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 from support import replicate as rp
-from support.serve import Processes, ServeProcess, run_cli
+from support.serve import CRASH_SERVE_ARGS, Processes, ServeProcess, run_cli
 from support.waiting import free_port, wait_for
 
 from jobs.states import State
@@ -45,18 +45,6 @@ CREATE_FAULTS: dict[str, Any] = {
     "drop_rate": 0.05,
     "fault_kinds": ["create"],
 }
-SERVE_ARGS = (
-    "--tick",
-    "0.1",
-    "--lease",
-    "3",
-    "--ambiguous-grace",
-    "3",
-    "--ambiguous-period",
-    "1",
-    "--stop-timeout",
-    "2",
-)
 
 
 def _input(rng: random.Random, name: str) -> dict[str, Any]:
@@ -137,7 +125,9 @@ def test_kill_storm_creates_each_prediction_once(tmp_path: Path) -> None:
     port = free_port()  # every restart listens here: webhooks to a dead one are retried
 
     def new_serve() -> ServeProcess:
-        serve = ServeProcess(env, tmp_path / f"serve-{len(serves)}.log", *SERVE_ARGS, port=port)
+        serve = ServeProcess(
+            env, tmp_path / f"serve-{len(serves)}.log", *CRASH_SERVE_ARGS, port=port
+        )
         serves.append(serve)
         return serve.start()
 

@@ -166,3 +166,19 @@ class Processes:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
+
+
+# The crash storms' jobsctl serve: short leases and grace, so kills are recovered from in
+# seconds (tests/test_crash.py, tests/test_replicate_crash.py).
+CRASH_SERVE_ARGS = (
+    "--tick",
+    "0.1",
+    "--lease",
+    "3",
+    "--ambiguous-grace",
+    "3",
+    "--ambiguous-period",
+    "1",
+    "--stop-timeout",
+    "2",
+)
